@@ -1,0 +1,173 @@
+"""``mmdd``: the command-line front end. Each subcommand is one pipeline stage (DESIGN §2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("mmdd")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", help="preset name (quick, paper, tiny) or a YAML path [quick]")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. -S eval.students=5 (repeatable)")
+    p.add_argument("--dataset", action="append", default=None, help="restrict to this dataset (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 [cpu]")
+    p.add_argument("--data-root", default="data", help="root of data/ (raw, features, experts) [data]")
+    p.add_argument("--results-root", default="results", help="root of results/ [results]")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _cell_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", action="append", default=None, help="method name (repeatable; default: grid)")
+    p.add_argument("--budget", type=int, action="append", default=None, help="pairs (repeatable; default: grid)")
+    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeatable; default: grid)")
+    p.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdd", description="mmdd-bench: multimodal dataset distillation benchmark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list registered methods")
+    for name, text in (("fetch", "download (or generate) datasets into data/raw"),
+                       ("embed", "caption features with the frozen text encoder"),
+                       ("experts", "train expert trajectories"),
+                       ("report", "tables over the grid (mean ± std over seeds)"),
+                       ("bench", "run every stage of the preset: fetch → embed → experts → distill → evaluate → "
+                                 "report")):
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        if name == "experts":
+            p.add_argument("--index", type=int, action="append", default=None,
+                           help="train only these expert indices (for parallel workers)")
+    for name, text in (("distill", "distil grid cells (method × budget × seed)"),
+                       ("evaluate", "evaluate distilled sets with fresh students on the test split")):
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        _cell_args(p)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _bench(args):
+    from benchmark.config import load_config
+    from benchmark.paths import Layout
+    from benchmark.pipeline import Bench
+
+    cfg = load_config(args.preset, args.overrides)
+    if args.dataset:
+        cfg.datasets = args.dataset
+    return Bench(cfg, Layout(Path(args.data_root).resolve(), Path(args.results_root).resolve()), args.device,
+                 progress=not args.no_progress)
+
+
+def _cells(bench, args):
+    g = bench.cfg.grid
+    methods = args.method or g.methods
+    budgets = args.budget or g.budgets
+    seeds = args.seed if args.seed is not None else g.seeds
+    return [(ds, m, b, s) for ds in bench.cfg.datasets for m in methods for b in budgets for s in seeds]
+
+
+def cmd_methods(args) -> int:
+    from benchmark.registry import available_methods, get_method
+
+    for name in available_methods():
+        cls = get_method(name)
+        doc = (cls.__doc__ or cls.__module__).strip().splitlines()[0]
+        print(f"{name:12s} {'(experts) ' if cls.needs_experts else ''}{doc}")
+    return 0
+
+
+def cmd_report(bench) -> int:
+    from benchmark.report import collect_rows, load_metrics, render, write_tables
+
+    for ds in bench.cfg.datasets:
+        paths = [bench.cell_dir(d, m, b, s) / "metrics.json" for d, m, b, s in bench.cells() if d == ds]
+        rows = collect_rows(load_metrics(paths))
+        full = bench.layout.full_data(bench.cfg.preset, ds) / "metrics.json"
+        if full.exists():
+            rows += collect_rows(load_metrics([full]))
+        written = write_tables(rows, bench.layout.tables(bench.cfg.preset), ds)
+        print(f"\n## {ds} ({bench.cfg.preset} preset, protocol {bench.cfg.eval.protocol})\n")
+        print(render(rows))
+        log.info("wrote %s", ", ".join(str(p) for p in written))
+    return 0
+
+
+def run_bench(bench) -> int:
+    """All stages in order, with the wall time of each."""
+    from benchmark.registry import get_method
+
+    times: dict[str, float] = {}
+
+    def timed(stage, fn, *a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
+        return out
+
+    needs_experts = any(get_method(m).needs_experts for m in bench.cfg.grid.methods)
+    for ds in bench.cfg.datasets:
+        timed("fetch", bench.fetch, ds)
+        timed("embed", bench.embed, ds)
+        if needs_experts:
+            timed("experts", bench.experts, ds)
+    for cell in bench.cells():
+        timed("distill", bench.distill, *cell)
+    for cell in bench.cells():
+        timed("evaluate", bench.evaluate, *cell)
+    for ds in bench.cfg.datasets:
+        timed("full-data", bench.full_data, ds)
+    timed("report", cmd_report, bench)
+    print("\n| stage | seconds |\n|---|---|")
+    for stage, sec in times.items():
+        print(f"| {stage} | {sec:.1f} |")
+    print(f"| total | {sum(times.values()):.1f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        if args.command == "methods":
+            return cmd_methods(args)
+        bench = _bench(args)
+        if args.command == "fetch":
+            for ds in bench.cfg.datasets:
+                bench.fetch(ds)
+        elif args.command == "embed":
+            for ds in bench.cfg.datasets:
+                bench.embed(ds)
+        elif args.command == "experts":
+            for ds in bench.cfg.datasets:
+                bench.experts(ds, args.index)
+        elif args.command == "distill":
+            for cell in _cells(bench, args):
+                bench.distill(*cell, force=args.force)
+        elif args.command == "evaluate":
+            for cell in _cells(bench, args):
+                res = bench.evaluate(*cell, force=args.force)
+                log.info("%s %s b=%d s=%d: r_mean %.2f ± %.2f", *cell, res["r_mean"]["mean"], res["r_mean"]["std"])
+        elif args.command == "report":
+            return cmd_report(bench)
+        elif args.command == "bench":
+            return run_bench(bench)
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, FloatingPointError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

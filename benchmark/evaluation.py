@@ -1,0 +1,187 @@
+"""Harness-owned evaluation (DESIGN §3): train fresh students on a DistilledSet, then measure test retrieval.
+
+Protocols:
+- ``strict`` (default): a fixed number of epochs per phase; with ``select="final"`` the last model is tested once,
+  with ``select="val"`` the epoch is chosen on the *val* split (every ``eval_every`` epochs) and test is read once.
+- ``paper``: the published protocol, best r_mean over test evaluations every ``eval_every`` epochs (selection on
+  test; REFERENCE_METHODS §5.3). Only for comparison with published numbers; tables label it.
+
+Phases are trained in order, each with its own learned learning rates and its own optimiser and step schedule
+(×0.1 after half of the phase's epochs), unlike the PTM reference's shared scheduler (§7.6).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from benchmark.distilled import DistilledSet
+from benchmark.interface import TrainData
+from benchmark.metrics import retrieval_metrics
+from benchmark.models.student import DualEncoder, StudentConfig, build_student
+from benchmark.seeding import derive_seed, seeded
+from benchmark.training import SGDConfig, contrastive_step, encode, freeze_copy, index_batches, make_optimizer
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("strict", "paper")
+METRIC_KEYS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean")
+
+
+@dataclass
+class EvalConfig:
+    """How evaluation students are trained (defaults: LoRS/PTM students, REFERENCE_METHODS §5.1)."""
+
+    students: int = 5
+    epochs: int = 100
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_drop: bool = True
+    protocol: str = "strict"
+    select: str = "final"
+    eval_every: int = 10
+    batching: str = "partition"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.select not in ("final", "val"):
+            raise ValueError(f"eval.select must be 'final' or 'val', got {self.select!r}")
+        for name in ("students", "epochs", "batch_size", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class SplitData:
+    """A retrieval split ready for scoring: images (tensor or dataset), caption features, caption -> image map."""
+
+    images: Any
+    texts: torch.Tensor
+    txt2img: torch.Tensor
+
+
+def score(model: DualEncoder, split: SplitData, device: str | torch.device) -> dict[str, float]:
+    """Retrieval metrics of ``model`` on ``split`` (cosine scores; the logit scale does not change rankings)."""
+    e_img, e_txt = encode(model, split.images, split.texts, device)
+    return retrieval_metrics(e_img @ e_txt.T, split.txt2img)
+
+
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def fit(model: DualEncoder, n: int, batch: BatchFn, sgd: SGDConfig, epochs: int, loss: str, batch_size: int,
+        generator: torch.Generator, device: str | torch.device, lr_drop: bool = True, batching: str = "partition",
+        every: int = 0, on_eval: Callable[[int], None] | None = None, desc: str = "") -> None:
+    """Train ``model`` for ``epochs`` over ``n`` pairs; ``batch(idx)`` returns (images, texts, target or None).
+
+    ``on_eval(epoch)`` is called after epochs ``every-1, 2·every-1, …`` and after the last epoch.
+    """
+    opt = make_optimizer(model, sgd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2 + 1] if lr_drop else [], 0.1)
+    for epoch in tqdm(range(epochs), desc=desc, disable=not desc, leave=False):
+        for idx in index_batches(n, batch_size, generator, mode=batching):
+            x, t, s = batch(idx)
+            contrastive_step(model, opt, x.to(device), t.to(device), None if s is None else s.to(device), loss)
+        sched.step()
+        if on_eval is not None and ((every and (epoch + 1) % every == 0) or epoch == epochs - 1):
+            on_eval(epoch)
+
+
+def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, seed: int,
+                  device: str | torch.device = "cpu", on_eval: Callable[[int, int], None] | None = None,
+                  model: DualEncoder | None = None) -> DualEncoder:
+    """Train a student (fresh, seeded, unless ``model`` is given) on the phases of ``dset`` in order.
+
+    ``on_eval(phase, epoch)`` is called every ``cfg.eval_every`` epochs and at the end of each phase.
+    """
+    with seeded(seed):  # dropout masks come from the global generator
+        model = model if model is not None else build_student(student, seed=seed, device=device)
+        gen = torch.Generator().manual_seed(seed)
+        loss = dset.meta.get("loss", "ce")
+        for k, phase in enumerate(dset.phases):
+            x_all, t_all, s_all = phase.images, phase.texts, phase.target_similarity()
+
+            def batch(idx, x_all=x_all, t_all=t_all, s_all=s_all):
+                return x_all[idx], t_all[idx], None if s_all is None else s_all[idx][:, idx]
+
+            hook = (lambda e, k=k: on_eval(k, e)) if on_eval else None
+            fit(model, phase.n, batch, SGDConfig(phase.lr_img, phase.lr_txt, cfg.momentum, cfg.weight_decay),
+                phase.epochs or cfg.epochs, loss, cfg.batch_size, gen, device, cfg.lr_drop, cfg.batching,
+                cfg.eval_every, hook)
+    return model
+
+
+def evaluate_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, seed: int, test: SplitData,
+                     val: SplitData | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train one student and return its test metrics under ``cfg.protocol`` (plus the chosen phase/epoch)."""
+    state: dict[str, Any] = {"best": None, "key": None, "model": None}
+    last = len(dset.phases) - 1
+
+    def on_eval(phase: int, epoch: int) -> None:
+        if cfg.protocol == "paper":
+            m = score(state["model"], test, device)
+            if state["best"] is None or m["r_mean"] > state["best"]["r_mean"]:
+                state["best"], state["key"] = m, (phase, epoch)
+        elif cfg.select == "val" and phase == last:
+            m = score(state["model"], val, device)
+            if state["best"] is None or m["r_mean"] > state["best"]["r_mean"]:
+                state["best"], state["key"] = dict(m, weights=freeze_copy(state["model"])), (phase, epoch)
+
+    if cfg.select == "val" and cfg.protocol == "strict" and val is None:
+        raise ValueError("eval.select='val' needs the val split's features: run `mmdd embed` for val")
+    model = build_student(student, seed=seed, device=device)
+    state["model"] = model
+    hooked = cfg.protocol == "paper" or cfg.select == "val"
+    train_student(dset, student, cfg, seed, device, on_eval if hooked else None, model=model)
+    if cfg.protocol == "paper":
+        out = dict(state["best"])
+    elif cfg.select == "val":
+        model.load_state_dict(state["best"].pop("weights"))
+        out = score(model, test, device)
+        out["val_r_mean"] = state["best"]["r_mean"]
+    else:
+        out = score(model, test, device)
+    out["phase"], out["epoch"] = state["key"] if state["key"] else (last, -1)
+    return out
+
+
+def evaluate_set(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, test: SplitData,
+                 val: SplitData | None = None, device: str | torch.device = "cpu",
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``cfg.students`` seeded students; return per-student metrics and mean/std per metric."""
+    runs = []
+    for k in tqdm(range(cfg.students), desc="eval students", disable=not progress, leave=False):
+        runs.append(evaluate_student(dset, student, cfg, derive_seed(cfg.seed, "eval-student", k), test, val, device))
+    return {"protocol": cfg.protocol, "select": cfg.select, "students": runs, **summarize(runs)}
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """mean and (sample) std per metric over runs."""
+    out = {}
+    for key in METRIC_KEYS:
+        vals = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def evaluate_full_data(train: TrainData, student: StudentConfig, cfg: EvalConfig, test: SplitData, lr: float,
+                       epochs: int, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Upper reference: students trained on every training pair (identity targets, CE), tested once at the end."""
+    runs = []
+    for k in range(cfg.students):
+        seed = derive_seed(cfg.seed, "eval-student", k)
+        with seeded(seed):
+            model = build_student(student, seed=seed, device=device)
+            gen = torch.Generator().manual_seed(seed)
+            fit(model, train.n_pairs, lambda idx: (*train.pairs(idx), None),
+                SGDConfig(lr, lr, cfg.momentum, cfg.weight_decay), epochs, "ce", cfg.batch_size, gen, device,
+                cfg.lr_drop, "partition", desc=f"full-data student {k}" if progress else "")
+        runs.append(score(model, test, device))
+    return {"protocol": "strict", "select": "final", "students": runs, **summarize(runs)}

@@ -1,0 +1,1 @@
+"""Expert trajectories: training (``train``) and the one-file-per-expert store (``store``)."""

@@ -1,0 +1,54 @@
+"""Deterministic locations of every stage's outputs (each grid cell is a pure function of its config).
+
+Stage outputs never nest inside each other (DVC requires disjoint outputs)::
+
+    data/raw/<ds>/                         fetch: annotations/ + images
+    data/features/<ds>/<encoder>/<split>.safetensors
+    data/experts/<ds>/<tower>-<encoder>/expert_000.safetensors ...
+    data/shortcuts/<ds>/<tower>-<encoder>/s<start>_e<end>/
+    results/cells/<preset>/<ds>/<method>/b<budget>/s<seed>/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_")
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_root: Path
+    results_root: Path
+
+    @property
+    def raw_root(self) -> Path:
+        """The ``data_root`` argument of the dataset loaders."""
+        return self.data_root / "raw"
+
+    def dataset_dir(self, ds: str) -> Path:
+        return self.raw_root / ds
+
+    def features_dir(self, ds: str, encoder: str) -> Path:
+        return self.data_root / "features" / ds / _safe(encoder)
+
+    def features(self, ds: str, encoder: str, split: str) -> Path:
+        return self.features_dir(ds, encoder) / f"{split}.safetensors"
+
+    def experts(self, ds: str, tower: str, encoder: str) -> Path:
+        return self.data_root / "experts" / ds / f"{tower}-{_safe(encoder)}"
+
+    def shortcuts(self, ds: str, tower: str, encoder: str, start: int, end: int) -> Path:
+        return self.data_root / "shortcuts" / ds / f"{tower}-{_safe(encoder)}" / f"s{start}_e{end}"
+
+    def cell(self, preset: str, ds: str, method: str, budget: int, seed: int) -> Path:
+        return self.results_root / "cells" / preset / ds / method / f"b{budget}" / f"s{seed}"
+
+    def full_data(self, preset: str, ds: str) -> Path:
+        return self.results_root / "cells" / preset / ds / "full-data"
+
+    def tables(self, preset: str) -> Path:
+        return self.results_root / "tables" / preset

@@ -1,0 +1,86 @@
+"""The one SGD loop that trains a dual encoder on pairs: used by experts, evaluation students and full-data students."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from benchmark.losses import get_loss
+from benchmark.models.student import DualEncoder
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False,
+                  mode: str = "partition") -> Iterator[torch.Tensor]:
+    """Index batches for one epoch.
+
+    ``partition``: a fresh permutation cut into consecutive batches (the last one partial unless ``drop_last``).
+    ``overlap``: ceil(n / b) batches, each the first b entries of a fresh permutation (the LoRS/PTM evaluation
+    sampler, REFERENCE_METHODS §5.1; batches overlap and some pairs are skipped).
+    """
+    if mode == "partition":
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            chunk = perm[start:start + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                break
+            yield chunk
+    elif mode == "overlap":
+        for _ in range(-(-n // batch_size)):
+            yield torch.randperm(n, generator=generator)[:batch_size]
+    else:
+        raise ValueError(f"batching mode must be 'partition' or 'overlap', got {mode!r}")
+
+
+@dataclass
+class SGDConfig:
+    lr_img: float
+    lr_txt: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def make_optimizer(model: DualEncoder, cfg: SGDConfig) -> torch.optim.SGD:
+    """One SGD with two parameter groups: the image tower and the text head."""
+    return torch.optim.SGD([
+        {"params": list(model.image_encoder.parameters()), "lr": cfg.lr_img},
+        {"params": list(model.text_projection.parameters()), "lr": cfg.lr_txt},
+    ], lr=cfg.lr_img, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def contrastive_step(model: DualEncoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor,
+                     target: torch.Tensor | None, loss: str | Callable = "ce") -> torch.Tensor:
+    """One optimiser step on a batch; returns the (detached) logits for callers that track per-pair statistics."""
+    loss_fn = get_loss(loss) if isinstance(loss, str) else loss
+    model.train()
+    logits = model(x, t)
+    value = loss_fn(logits, target)
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"non-finite training loss {value.item()}: lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    optimizer.step()
+    return logits.detach()
+
+
+@torch.no_grad()
+def encode(model: DualEncoder, images, texts: torch.Tensor, device: str | torch.device,
+           batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised embeddings of all images (a tensor or an indexable dataset) and caption features (eval mode)."""
+    model.eval()
+    n = len(images)
+    img = []
+    for s in range(0, n, batch_size):
+        if isinstance(images, torch.Tensor):
+            xb = images[s:s + batch_size]
+        else:
+            xb = torch.stack([images[i] for i in range(s, min(n, s + batch_size))])
+        img.append(model.embed_images(xb.to(device)).float().cpu())
+    txt = [model.embed_texts(texts[s:s + batch_size].to(device)).float().cpu() for s in range(0, len(texts), batch_size)]
+    return torch.cat(img), torch.cat(txt)
+
+
+def freeze_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

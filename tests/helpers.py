@@ -1,0 +1,22 @@
+"""Small shared builders for tests: a test-sized student config and random training pairs."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.interface import TrainData
+from benchmark.models.student import StudentConfig
+
+TINY_TOWER = {"kind": "convnet", "width": 4, "depth": 1, "norm": "instance", "image_size": 8}
+
+
+def tiny_student(text_dim: int = 6) -> StudentConfig:
+    return StudentConfig(tower="tiny-test", text_dim=text_dim, tower_config=dict(TINY_TOWER))
+
+
+def random_train(n_images: int = 12, caps_per_image: int = 2, text_dim: int = 6, seed: int = 0) -> TrainData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_images, 3, 8, 8, generator=g)
+    caption_image = torch.arange(n_images).repeat_interleave(caps_per_image)
+    texts = torch.randn(len(caption_image), text_dim, generator=g)
+    return TrainData(images, texts, caption_image, [f"c{i}" for i in range(len(caption_image))])
