@@ -45,11 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "experts":
             p.add_argument("--index", type=int, action="append", default=None,
                            help="train only these expert indices (for parallel workers)")
+    p = sub.add_parser("run-method", help="run one method for one cell and write its raw DistilledSet to "
+                       "--work-dir (no validation, no evaluation: what a container runner executes)")
+    _common(p)
+    p.add_argument("--method", required=True)
+    p.add_argument("--budget", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--work-dir", required=True, help="output directory (the only writable path in a container)")
     for name, text in (("distill", "distil grid cells (method × budget × seed)"),
                        ("evaluate", "evaluate distilled sets with fresh students on the test split")):
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
         _cell_args(p)
+        if name == "distill":
+            p.add_argument("--runner", default="local", help="where the method runs: local (this process) or "
+                           "docker (an isolated container; the harness validates its output) [local]")
     return parser
 
 
@@ -154,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench.experts(ds, args.index)
         elif args.command == "distill":
             for cell in _cells(bench, args):
-                bench.distill(*cell, force=args.force)
+                bench.distill(*cell, force=args.force, runner=args.runner)
+        elif args.command == "run-method":
+            ds = bench.cfg.datasets[0]
+            bench.run_method(ds, args.method, args.budget, args.seed, Path(args.work_dir))
         elif args.command == "evaluate":
             for cell in _cells(bench, args):
                 res = bench.evaluate(*cell, force=args.force)

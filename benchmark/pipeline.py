@@ -69,9 +69,12 @@ class Bench:
 
     def data_id(self, ds: str) -> str:
         """Identity of the training data as seen by students: captions, encoder, image size, normalisation."""
-        from benchmark.encoders.text import _read_metadata
+        from benchmark.encoders.text import read_feature_metadata
 
-        meta = _read_metadata(self.features_path(ds, "train"))
+        path = self.features_path(ds, "train")
+        if not path.exists():
+            raise FileNotFoundError(f"caption features {path} are missing: run `mmdd embed` first")
+        meta = read_feature_metadata(path)
         d = self.cfg.data
         return _hash([ds, meta.get("captions_sha256"), self.cfg.text_encoder, self.image_size, d.norm,
                       d.train_augment])
@@ -158,49 +161,82 @@ class Bench:
     def cell_dir(self, ds: str, method: str, budget: int, seed: int) -> Path:
         return self.layout.cell(self.cfg.preset, ds, method, budget, seed)
 
-    def distill(self, ds: str, method: str, budget: int, seed: int, force: bool = False) -> Path:
-        """Run one grid cell's distillation; returns the cell directory holding ``distilled.{safetensors,json}``."""
-        self.check_dataset(ds)
+    def cell_key(self, ds: str, method: str, budget: int, seed: int) -> tuple[type, dict[str, Any], str]:
+        """(method class, resolved params, hash of everything the cell's output depends on)."""
         cls = get_method(method)
+        params = cls.resolve_params(self.cfg.preset, ds, budget, self.cfg.method_overrides(method))
+        experts = self.expert_hash(ds) if cls.needs_experts else None
+        key = _hash({"method": method, "params": params, "budget": budget, "seed": seed, "data": self.data_id(ds),
+                     "student": asdict(self.student), "experts": experts})
+        return cls, params, key
+
+    def expert_hash(self, ds: str) -> str:
+        return expert_config_hash(self.student, self.cfg.experts, self.data_id(ds))
+
+    def make_task(self, ds: str, method: str, budget: int, seed: int, work_dir: Path) -> tuple[Any, DistillTask]:
+        """The method instance and its task; logs and checkpoints go to ``work_dir``."""
+        self.check_dataset(ds)
+        cls, params, _ = self.cell_key(ds, method, budget, seed)
         train = self.train_data(ds)
         if budget > train.n_pairs:
             raise ValueError(f"budget {budget} exceeds the {train.n_pairs} training pairs of {ds}: lower grid.budgets")
-        params = cls.resolve_params(self.cfg.preset, ds, budget, self.cfg.method_overrides(method))
-        experts = ExpertCollection(self.experts_dir(ds)) if cls.needs_experts else None
-        if experts is not None:
-            want = expert_config_hash(self.student, self.cfg.experts, self.data_id(ds))
-            if experts.meta.get("config_hash") != want:
+        experts = None
+        if cls.needs_experts:
+            experts = ExpertCollection(self.experts_dir(ds))
+            if experts.meta.get("config_hash") != self.expert_hash(ds):
                 raise ValueError(f"experts in {self.experts_dir(ds)} were trained with another configuration: "
                                  "rerun `mmdd experts`")
+        task = DistillTask(train=train, student=self.student, budget=budget, seed=seed, params=params,
+                           device=self.device, experts=experts, logger=JsonlLogger(work_dir / "distill_log.jsonl"),
+                           checkpoint=Checkpointer(work_dir / "checkpoint", int(params.get("checkpoint_every", 0) or 0)),
+                           dataset=ds, preset=self.cfg.preset)
+        return cls(), task
+
+    def run_method(self, ds: str, method: str, budget: int, seed: int, work_dir: Path) -> DistilledSet:
+        """Run the method in this process and save its raw DistilledSet to ``work_dir/distilled`` (no evaluation).
+
+        This is what a container runner executes inside the container.
+        """
+        impl, task = self.make_task(ds, method, budget, seed, work_dir)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        dset = impl.distill(task)
+        dset.meta["seconds"] = time.perf_counter() - t0
+        dset.save(work_dir / "distilled")
+        task.checkpoint.clear()
+        return dset
+
+    def distill(self, ds: str, method: str, budget: int, seed: int, force: bool = False,
+                runner: str = "local") -> Path:
+        """Run one grid cell's distillation (``runner``: local or docker); the harness then validates the set and
+        records it in the cell directory (``distilled.{safetensors,json}``, ``distill_info.json``)."""
+        self.check_dataset(ds)
+        _, params, key = self.cell_key(ds, method, budget, seed)
         cell = self.cell_dir(ds, method, budget, seed)
-        key = _hash({"method": method, "params": params, "budget": budget, "seed": seed, "data": self.data_id(ds),
-                     "student": asdict(self.student),
-                     "experts": experts.meta.get("config_hash") if experts else None})
         info_path = cell / "distill_info.json"
         if not force and info_path.exists() and read_json(info_path).get("key") == key \
                 and (cell / "distilled.json").exists():
             log.info("cell %s is up to date", cell)
             return cell
         (cell / "distill_log.jsonl").unlink(missing_ok=True)
-        task = DistillTask(train=train, student=self.student, budget=budget, seed=seed, params=params,
-                           device=self.device, experts=experts, logger=JsonlLogger(cell / "distill_log.jsonl"),
-                           checkpoint=Checkpointer(cell / "checkpoint", int(params.get("checkpoint_every", 0) or 0)),
-                           dataset=ds, preset=self.cfg.preset)
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        dset = cls().distill(task)
-        seconds = time.perf_counter() - t0
+        if runner == "local":
+            dset = self.run_method(ds, method, budget, seed, cell)
+        else:
+            from benchmark.runners import get_runner
+
+            dset = get_runner(runner)(self, ds, method, budget, seed, cell)
         dset.validate(budget=budget, image_shape=(3, self.image_size, self.image_size),
                       text_dim=self.student.text_dim)
         dset.meta.update({"method": method, "params": params, "budget": budget, "seed": seed, "dataset": ds,
                           "encoder": self.cfg.text_encoder, "tower": self.cfg.student.tower,
-                          "temperature": self.student.temperature, "preset": self.cfg.preset,
+                          "temperature": self.student.temperature, "preset": self.cfg.preset, "runner": runner,
                           "versions": {"mmdd": __version__, "torch": torch.__version__}})
         dset.save(cell / "distilled")
-        write_json(info_path, {"key": key, "seconds": seconds, "pairs": dset.pairs, "bytes": dset.nbytes,
-                               "method": method, "budget": budget, "seed": seed, "dataset": ds})
-        task.checkpoint.clear()
-        log.info("%s b=%d s=%d: %d pairs, %d bytes, %.1f s", method, budget, seed, dset.pairs, dset.nbytes, seconds)
+        write_json(info_path, {"key": key, "seconds": dset.meta.get("seconds"), "pairs": dset.pairs,
+                               "bytes": dset.nbytes, "method": method, "budget": budget, "seed": seed, "dataset": ds,
+                               "runner": runner})
+        log.info("%s b=%d s=%d: %d pairs, %d bytes, %.1f s", method, budget, seed, dset.pairs, dset.nbytes,
+                 dset.meta.get("seconds") or 0.0)
         return cell
 
     # ---------------------------------------------------------------- stage: evaluate

@@ -1,0 +1,82 @@
+import json
+import shutil
+
+import pytest
+
+from benchmark.cli import main
+
+
+def _copy(tiny_project, tmp_path):
+    root, _ = tiny_project
+    shutil.copytree(root / "data", tmp_path / "data")
+    return ["--preset", "tiny", "--data-root", str(tmp_path / "data"), "--results-root", str(tmp_path / "results"),
+            "--no-progress"]
+
+
+def test_methods_lists_registered_methods(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("random", "herding", "kcenter", "forgetting"):
+        assert name in out
+
+
+def test_unknown_method_fails_with_choices(tiny_project, caplog):
+    _, args = tiny_project
+    assert main(["distill", *args, "--method", "nope", "--budget", "5", "--seed", "0"]) == 2
+    assert "unknown method 'nope'" in caplog.text and "random" in caplog.text
+
+
+def test_unknown_dataset_and_preset_fail_clearly(tiny_project, caplog):
+    _, args = tiny_project
+    assert main(["fetch", *args, "-S", "datasets=[imagenet]"]) == 2
+    assert "unknown dataset 'imagenet'" in caplog.text
+    assert main(["fetch", "--preset", "nosuch"]) == 2
+    assert "unknown preset" in caplog.text
+    assert main(["fetch", *args, "-S", "eval.studnets=3"]) == 2
+    assert "eval.studnets" in caplog.text
+
+
+def test_budget_over_training_pairs_fails_and_leaves_nothing(tiny_project, tmp_path, caplog):
+    args = _copy(tiny_project, tmp_path)
+    assert main(["distill", *args, "--method", "random", "--budget", "100000", "--seed", "0"]) == 2
+    assert "exceeds" in caplog.text and "grid.budgets" in caplog.text
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("distilled*"))
+
+
+def test_missing_features_name_the_fix(tiny_project, tmp_path, caplog):
+    args = _copy(tiny_project, tmp_path)
+    shutil.rmtree(tmp_path / "data" / "features")
+    assert main(["distill", *args, "--method", "random", "--budget", "5", "--seed", "0"]) == 2
+    assert "mmdd embed" in caplog.text
+
+
+def test_corrupt_expert_file_names_the_fix_and_leaves_no_output(tiny_project, tmp_path, caplog):
+    args = _copy(tiny_project, tmp_path)
+    expert = next((tmp_path / "data" / "experts").rglob("expert_000.safetensors"))
+    expert.write_bytes(b"garbage")
+    assert main(["distill", *args, "--method", "herding", "--budget", "5", "--seed", "0"]) == 2
+    assert "mmdd experts" in caplog.text
+    assert not any((tmp_path / "results").rglob("distilled*")) if (tmp_path / "results").exists() else True
+
+
+def test_distill_evaluate_report_and_idempotent_rerun(tiny_project, tmp_path, capsys):
+    args = _copy(tiny_project, tmp_path)
+    cell_args = ["--method", "random", "--method", "forgetting", "--budget", "10", "--seed", "0", "--seed", "1"]
+    assert main(["distill", *args, *cell_args]) == 0
+    cell = tmp_path / "results" / "cells" / "tiny" / "shapes" / "random" / "b10" / "s0"
+    info = json.loads((cell / "distill_info.json").read_text())
+    assert info["pairs"] == 10 and info["bytes"] > 0
+    mtime = (cell / "distilled.safetensors").stat().st_mtime_ns
+    assert main(["distill", *args, *cell_args]) == 0
+    assert (cell / "distilled.safetensors").stat().st_mtime_ns == mtime
+    assert main(["evaluate", *args, *cell_args]) == 0
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert metrics["protocol"] == "strict" and len(metrics["students"]) == 2
+    assert 0 <= metrics["r_mean"]["mean"] <= 100
+    # report over a grid restricted to what was run
+    rargs = [*args, "-S", "grid.methods=[random,forgetting]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
+    assert main(["report", *rargs]) == 0
+    out = capsys.readouterr().out
+    assert "| random" in out and "| forgetting" in out and "±" in out
+    table = tmp_path / "results" / "tables" / "tiny" / "shapes.csv"
+    assert table.exists() and "r_mean_mean" in table.read_text()
