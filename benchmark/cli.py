@@ -17,7 +17,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. -S eval.students=5 (repeatable)")
     p.add_argument("--dataset", action="append", default=None, help="restrict to this dataset (repeatable)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 [cpu]")
-    p.add_argument("--data-root", default="data", help="root of data/ (raw, features, experts) [data]")
+    p.add_argument("--data-root", default=None, help="root of data/ (raw, features, experts) [config data.root]")
     p.add_argument("--results-root", default="results", help="root of results/ [results]")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -34,9 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdd", description="mmdd-bench: multimodal dataset distillation benchmark")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list registered methods")
+    p = sub.add_parser("init-params", help="write params.yaml (the DVC pipeline's parameters) from a preset")
+    p.add_argument("--preset", default="quick", help="preset name or YAML path [quick]")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="params.yaml", help="output path [params.yaml]")
+    p = sub.add_parser("ui", help="open the MLflow UI on the benchmark's tracking store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--results-root", default="results", help="results/ of the project whose store to open")
     for name, text in (("fetch", "download (or generate) datasets into data/raw"),
                        ("embed", "caption features with the frozen text encoder"),
                        ("experts", "train expert trajectories"),
+                       ("shortcut", "build shortcut (straight-line) teachers from the expert trajectories"),
+                       ("full-data", "reference students trained on the whole training split"),
                        ("report", "tables over the grid (mean ± std over seeds)"),
                        ("bench", "run every stage of the preset: fetch → embed → experts → distill → evaluate → "
                                  "report")):
@@ -76,7 +86,8 @@ def _bench(args):
     cfg = load_config(args.preset, args.overrides)
     if args.dataset:
         cfg.datasets = args.dataset
-    return Bench(cfg, Layout(Path(args.data_root).resolve(), Path(args.results_root).resolve()), args.device,
+    data_root = args.data_root or cfg.data.root
+    return Bench(cfg, Layout(Path(data_root).resolve(), Path(args.results_root).resolve()), args.device,
                  progress=not args.no_progress)
 
 
@@ -99,18 +110,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_report(bench) -> int:
-    from benchmark.report import collect_rows, load_metrics, render, write_tables
-
-    for ds in bench.cfg.datasets:
-        paths = [bench.cell_dir(d, m, b, s) / "metrics.json" for d, m, b, s in bench.cells() if d == ds]
-        rows = collect_rows(load_metrics(paths))
-        full = bench.layout.full_data(bench.cfg.preset, ds) / "metrics.json"
-        if full.exists():
-            rows += collect_rows(load_metrics([full]))
-        written = write_tables(rows, bench.layout.tables(bench.cfg.preset), ds)
+    for ds, md in bench.report().items():
         print(f"\n## {ds} ({bench.cfg.preset} preset, protocol {bench.cfg.eval.protocol})\n")
-        print(render(rows))
-        log.info("wrote %s", ", ".join(str(p) for p in written))
+        print(md)
+    log.info("tables, plots and README written under %s", bench.layout.results_root)
     return 0
 
 
@@ -126,12 +129,16 @@ def run_bench(bench) -> int:
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
         return out
 
-    needs_experts = any(get_method(m).needs_experts for m in bench.cfg.grid.methods)
+    classes = [get_method(m) for m in bench.cfg.grid.methods]
+    needs_experts = any(c.needs_experts for c in classes)
+    needs_shortcuts = any(getattr(c, "needs_shortcuts", False) for c in classes)
     for ds in bench.cfg.datasets:
         timed("fetch", bench.fetch, ds)
         timed("embed", bench.embed, ds)
         if needs_experts:
             timed("experts", bench.experts, ds)
+        if needs_shortcuts:
+            timed("shortcut", bench.shortcut, ds)
     for cell in bench.cells():
         timed("distill", bench.distill, *cell)
     for cell in bench.cells():
@@ -152,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return cmd_methods(args)
+        if args.command == "init-params":
+            from benchmark.params import write_params
+
+            log.info("wrote %s", write_params(args.preset, args.out, args.overrides))
+            return 0
+        if args.command == "ui":
+            from benchmark.tracking import serve_ui, tracking_uri
+
+            return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port)
         bench = _bench(args)
         if args.command == "fetch":
             for ds in bench.cfg.datasets:
@@ -162,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "experts":
             for ds in bench.cfg.datasets:
                 bench.experts(ds, args.index)
+        elif args.command == "shortcut":
+            for ds in bench.cfg.datasets:
+                bench.shortcut(ds)
+        elif args.command == "full-data":
+            for ds in bench.cfg.datasets:
+                res = bench.full_data(ds)
+                log.info("%s full data: r_mean %.2f ± %.2f", ds, res["r_mean"]["mean"], res["r_mean"]["std"])
         elif args.command == "distill":
             for cell in _cells(bench, args):
                 bench.distill(*cell, force=args.force, runner=args.runner)

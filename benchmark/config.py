@@ -47,14 +47,44 @@ class FullDataConfig:
 
 
 @dataclass
+class ShortcutConfig:
+    """Segments ``[start, end]`` of the expert trajectories turned into shortcut (straight-line) teachers."""
+
+    segments: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for seg in self.segments:
+            if len(seg) != 2 or not 0 <= seg[0] < seg[1]:
+                raise ValueError(f"shortcut.segments entries must be [start, end] with 0 <= start < end, got {seg}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``uri`` empty = ``MLFLOW_TRACKING_URI`` or the project's absolute sqlite store."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment_prefix: str = "mmdd"
+
+
+@dataclass
 class GridConfig:
+    """The grid. ``groups`` (written by ``mmdd init-params``) splits ``methods`` by what their DVC stage depends
+    on: ``plain`` (training data only), ``experts`` (+ expert trajectories), ``shortcut`` (+ shortcut teachers)."""
+
     methods: list[str] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"grid.budgets must be positive pair counts, got {self.budgets}")
+        if self.groups:
+            grouped = sorted(m for ms in self.groups.values() for m in (ms or []))
+            if grouped != sorted(self.methods):
+                raise ValueError(f"grid.groups {self.groups} must partition grid.methods {self.methods}: "
+                                 "rerun `mmdd init-params`")
 
 
 @dataclass
@@ -70,6 +100,8 @@ class BenchConfig:
     eval: EvalConfig
     full_data: FullDataConfig
     grid: GridConfig
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per-dataset paper settings (e.g. tower, budgets) live in method defaults; this maps dataset -> extra fields.
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -100,7 +132,8 @@ def _build(cls, doc: Any, where: str):
 
 _SUBSECTIONS = {(DataConfig, "shapes"): ShapesConfig}
 _SECTIONS = {"data": DataConfig, "student": StudentConfig, "experts": ExpertConfig, "eval": EvalConfig,
-             "full_data": FullDataConfig, "grid": GridConfig}
+             "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig,
+             "shortcut": ShortcutConfig}
 
 
 def available_presets() -> list[str]:
@@ -152,6 +185,10 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
         if ds not in DATASETS:
             raise ValueError(f"unknown dataset {ds!r} in 'datasets': choose from {sorted(DATASETS)}")
     sections = {name: _build(cls, doc.get(name), name) for name, cls in _SECTIONS.items()}
+    from benchmark.registry import get_method
+
+    for m in sections["grid"].methods:
+        get_method(m)  # unknown names fail here, naming the registered choices
     from benchmark.encoders.text import text_encoder_dim
 
     encoder = doc.get("text_encoder", "minilm")

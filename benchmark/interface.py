@@ -128,6 +128,7 @@ class DistillTask:
     params: dict[str, Any]
     device: str | torch.device = "cpu"
     experts: ExpertCollection | None = None
+    shortcuts: Path | None = None  # root of shortcut teachers: <root>/shortcut_s<start>_e<end>/
     logger: MetricLogger = field(default_factory=JsonlLogger)
     checkpoint: Checkpointer = field(default_factory=lambda: Checkpointer(None))
     dataset: str = ""

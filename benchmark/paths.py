@@ -5,7 +5,7 @@ Stage outputs never nest inside each other (DVC requires disjoint outputs)::
     data/raw/<ds>/                         fetch: annotations/ + images
     data/features/<ds>/<encoder>/<split>.safetensors
     data/experts/<ds>/<tower>-<encoder>/expert_000.safetensors ...
-    data/shortcuts/<ds>/<tower>-<encoder>/s<start>_e<end>/
+    data/shortcuts/<ds>/<tower>-<encoder>/shortcut_s<start>_e<end>/
     results/cells/<preset>/<ds>/<method>/b<budget>/s<seed>/
 """
 
@@ -41,8 +41,9 @@ class Layout:
     def experts(self, ds: str, tower: str, encoder: str) -> Path:
         return self.data_root / "experts" / ds / f"{tower}-{_safe(encoder)}"
 
-    def shortcuts(self, ds: str, tower: str, encoder: str, start: int, end: int) -> Path:
-        return self.data_root / "shortcuts" / ds / f"{tower}-{_safe(encoder)}" / f"s{start}_e{end}"
+    def shortcuts(self, ds: str, tower: str, encoder: str) -> Path:
+        """Root of the shortcut teachers of one expert set (one sub-directory per segment)."""
+        return self.data_root / "shortcuts" / ds / f"{tower}-{_safe(encoder)}"
 
     def cell(self, preset: str, ds: str, method: str, budget: int, seed: int) -> Path:
         return self.results_root / "cells" / preset / ds / method / f"b{budget}" / f"s{seed}"

@@ -25,7 +25,7 @@ from benchmark.experts.store import ExpertCollection
 from benchmark.experts.train import config_hash as expert_config_hash
 from benchmark.experts.train import train_experts
 from benchmark.interface import Checkpointer, DistillTask, JsonlLogger, TrainData
-from benchmark.io import read_json, write_json
+from benchmark.io import atomic_path, read_json, write_json
 from benchmark.models.student import StudentConfig
 from benchmark.models.towers import load_tower_config
 from benchmark.paths import Layout
@@ -33,6 +33,14 @@ from benchmark.registry import get_method
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+
+
+def read_history(cell: Path) -> list[dict[str, float]]:
+    """The per-iteration distillation log of a cell (empty for methods that log nothing)."""
+    path = cell / "distill_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _hash(obj: Any) -> str:
@@ -106,7 +114,7 @@ class Bench:
         from benchmark.encoders.text import embed_split
 
         return [embed_split(self.load_caption_split(ds, s), self.features_path(ds, s), self.cfg.text_encoder,
-                            str(self.device)) for s in SPLITS]
+                            str(self.device), progress=self.progress) for s in SPLITS]
 
     def _features(self, ds: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         from benchmark.encoders.text import load_features
@@ -157,6 +165,24 @@ class Bench:
         return train_experts(self.experts_dir(ds), train, self.student, self.cfg.experts, self.data_id(ds),
                              self.device, indices, self.progress)
 
+    # ---------------------------------------------------------------- stage: shortcut
+    def shortcuts_dir(self, ds: str) -> Path:
+        return self.layout.shortcuts(ds, self.cfg.student.tower, self.cfg.text_encoder)
+
+    def shortcut(self, ds: str) -> list[dict[str, Any]]:
+        """Build the shortcut teachers of every configured segment; returns a bytes report per segment."""
+        from methods.matching.shortcut import build_shortcuts, default_shortcut_dir, shortcut_bytes_report
+
+        reports = []
+        for start, end in self.cfg.shortcut.segments:
+            out = default_shortcut_dir(self.shortcuts_dir(ds), start, end)
+            build_shortcuts(self.experts_dir(ds), out, start, end)
+            rep = shortcut_bytes_report(self.experts_dir(ds), out)
+            log.info("shortcut %d..%d: %s", start, end, rep)
+            reports.append({"start": start, "end": end, **rep})
+        self.shortcuts_dir(ds).mkdir(parents=True, exist_ok=True)  # DVC output exists even with no segments
+        return reports
+
     # ---------------------------------------------------------------- stage: distill
     def cell_dir(self, ds: str, method: str, budget: int, seed: int) -> Path:
         return self.layout.cell(self.cfg.preset, ds, method, budget, seed)
@@ -186,8 +212,12 @@ class Bench:
             if experts.meta.get("config_hash") != self.expert_hash(ds):
                 raise ValueError(f"experts in {self.experts_dir(ds)} were trained with another configuration: "
                                  "rerun `mmdd experts`")
+        log_path = work_dir / "distill_log.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.touch()  # every cell has a (possibly empty) log: DVC declares it as an output
         task = DistillTask(train=train, student=self.student, budget=budget, seed=seed, params=params,
-                           device=self.device, experts=experts, logger=JsonlLogger(work_dir / "distill_log.jsonl"),
+                           device=self.device, experts=experts, logger=JsonlLogger(log_path),
+                           shortcuts=self.shortcuts_dir(ds),
                            checkpoint=Checkpointer(work_dir / "checkpoint", int(params.get("checkpoint_every", 0) or 0)),
                            dataset=ds, preset=self.cfg.preset)
         return cls(), task
@@ -256,8 +286,55 @@ class Bench:
         res = evaluate_set(dset, self.student, ecfg, self.eval_split(ds, "test"), val, self.device, self.progress)
         res.update({"key": key, "seconds": time.perf_counter() - t0, "pairs": dset.pairs, "bytes": dset.nbytes,
                     "method": method, "budget": budget, "seed": seed, "dataset": ds})
+        artifacts = self.cell_artifacts(ds, cell, dset)
+        if self.cfg.tracking.enabled:
+            res["mlflow_run_id"] = self.track_cell(ds, method, budget, seed, cell, key, res, artifacts)
         write_json(out_path, res)
         return res
+
+    def cell_artifacts(self, ds: str, cell: Path, dset: DistilledSet) -> list[Path]:
+        """Image grid, nearest training caption per distilled text, loss curve (``<cell>/artifacts/``)."""
+        from benchmark.artifacts import save_image_grid, save_loss_curve, save_nearest_captions
+
+        out = cell / "artifacts"
+        images = torch.cat([p.images for p in dset.phases])
+        texts = torch.cat([p.texts for p in dset.phases])
+        train = self.train_data(ds)
+        paths = [save_image_grid(images, self.cfg.data.norm, out / "images.png"),
+                 save_nearest_captions(texts, train.texts, train.captions, out / "nearest_captions.tsv")]
+        curve = save_loss_curve(read_history(cell), out / "loss_curve.png", cell.relative_to(self.layout.results_root)
+                                .as_posix())
+        return paths + ([curve] if curve else [])
+
+    def track_cell(self, ds: str, method: str, budget: int, seed: int, cell: Path, key: str, res: dict[str, Any],
+                   artifacts: list[Path]) -> str:
+        """Record the cell in MLflow (experiment ``<prefix>-<dataset>``, nested runs per student)."""
+        from benchmark.tracking import Tracker
+
+        tcfg = self.cfg.tracking
+        tracker = Tracker(tcfg.uri or None, root=self.layout.results_root)
+        info = read_json(cell / "distill_info.json") if (cell / "distill_info.json").exists() else {}
+        history = read_history(cell)
+        metrics = {f"test.{k}": v["mean"] for k, v in res.items() if isinstance(v, dict) and "mean" in v}
+        metrics |= {f"test.{k}_std": v["std"] for k, v in res.items() if isinstance(v, dict) and "std" in v}
+        metrics |= {"pairs": res["pairs"], "bytes": res["bytes"], "eval_seconds": res["seconds"]}
+        if info.get("seconds") is not None:
+            metrics["distill_seconds"] = info["seconds"]
+        iter_secs = [r["seconds_per_iter"] for r in history if "seconds_per_iter" in r]
+        if iter_secs:
+            metrics["seconds_per_iter"] = sum(iter_secs) / len(iter_secs)
+        peaks = [r[k] for r in history for k in r if k.startswith("peak_mem")]
+        if peaks:
+            metrics["peak_memory_bytes"] = max(peaks)
+        dset_meta = read_json(cell / "distilled.json")["meta"]
+        params = {"method": method, "budget": budget, "seed": seed, "dataset": ds,
+                  "method_params": dset_meta.get("params", {}), "eval": asdict(self.cfg.eval),
+                  "student": {"tower": self.student.tower, "temperature": self.student.temperature},
+                  "text_encoder": self.cfg.text_encoder}
+        tags = {"mmdd.preset": self.cfg.preset, "mmdd.protocol": self.cfg.eval.protocol, "mmdd.method": method,
+                "mmdd.budget": budget, "mmdd.seed": seed, "mmdd.dataset": ds, "mmdd.stage": "evaluate"}
+        return tracker.log_cell(f"{tcfg.experiment_prefix}-{ds}", f"{method}/b{budget}/s{seed}", key, params, tags,
+                                metrics, history, res["students"], artifacts)
 
     def full_data(self, ds: str, force: bool = False) -> dict[str, Any]:
         """Reference row: students trained on the whole training split."""
@@ -274,6 +351,59 @@ class Bench:
                     "pairs": self.train_data(ds).n_pairs, "dataset": ds})
         write_json(out_path, res)
         return res
+
+    # ---------------------------------------------------------------- stage: report
+    def report(self) -> dict[str, Any]:
+        """Tables (md/csv/tex, published numbers beside ours), plots, ``results/metrics/<preset>.json`` and a
+        generated ``results/README.md``. Returns the rendered markdown per dataset."""
+        from benchmark import report as rp
+
+        tables_dir = self.layout.tables(self.cfg.preset)
+        plots_dir = self.layout.results_root / "plots" / self.cfg.preset
+        rendered, summary, links = {}, {}, []
+        for ds in self.cfg.datasets:
+            cells = [c for c in self.cells() if c[0] == ds]
+            rows = rp.collect_rows(rp.load_metrics([self.cell_dir(*c) / "metrics.json" for c in cells]))
+            full = self.layout.full_data(self.cfg.preset, ds) / "metrics.json"
+            if full.exists():
+                rows += rp.collect_rows(rp.load_metrics([full]))
+            rp.write_tables(rows, tables_dir, ds)
+            md = rp.render_with_published(rows, ds)
+            with atomic_path(tables_dir / f"{ds}.md") as tmp:
+                tmp.write_text(md + "\n")
+            rendered[ds] = md
+            summary[ds] = rp.summary_metrics(rows)
+            title = f"{ds}, {self.cfg.preset} preset, protocol {self.cfg.eval.protocol}"
+            plots = [rp.plot_recall_vs_budget(rows, plots_dir / f"{ds}_recall_vs_budget.png", title)]
+            g = self.cfg.grid
+            budget, seed = max(g.budgets), g.seeds[0]
+            curves = {m: read_history(self.cell_dir(ds, m, budget, seed)) for m in g.methods}
+            curve = rp.plot_distill_curves(curves, plots_dir / f"{ds}_distill_curves.png",
+                                           f"{ds}, {budget} pairs, seed {seed}")
+            plots += [curve] if curve else []
+            grids = [(m, self.cell_dir(ds, m, budget, seed) / "artifacts" / "images.png") for m in g.methods]
+            links.append((ds, md, plots, grids))
+        write_json(self.layout.results_root / "metrics" / f"{self.cfg.preset}.json", summary)
+        self._write_results_readme(links)
+        return rendered
+
+    def _write_results_readme(self, links) -> None:
+        root = self.layout.results_root
+        lines = [f"# Results: `{self.cfg.preset}` preset", "",
+                 "Generated by the `report` stage (`mmdd report`); do not edit. Each value is the mean ± std over "
+                 f"{len(self.cfg.grid.seeds)} distillation seeds of the mean over {self.cfg.eval.students} evaluation "
+                 f"students, protocol `{self.cfg.eval.protocol}` (select `{self.cfg.eval.select}`). "
+                 "Published numbers, where the papers have the cell, are in [brackets] (their protocol: best of "
+                 "test evaluations).", ""]
+        for ds, md, plots, grids in links:
+            lines += [f"## {ds}", "", md, "",
+                      *[f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots], "",
+                      "Synthetic sets at the largest budget (seed 0): " + ", ".join(
+                          f"[{m}]({g.relative_to(root).as_posix()})" for m, g in grids if g.exists()), "",
+                      f"Tables: [markdown](tables/{self.cfg.preset}/{ds}.md), [CSV](tables/{self.cfg.preset}/{ds}.csv),"
+                      f" [LaTeX](tables/{self.cfg.preset}/{ds}.tex)", ""]
+        with atomic_path(root / "README.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
     # ---------------------------------------------------------------- grid
     def cells(self) -> list[tuple[str, str, int, int]]:

@@ -84,3 +84,96 @@ def load_metrics(paths: list[Path]) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{len(missing)} grid cells have no metrics yet (first: {missing[0]}): run "
                                 "`mmdd evaluate` for them")
     return [read_json(p) for p in paths]
+
+
+PUBLISHED_CSV = Path(__file__).with_name("published") / "published_results.csv"
+
+
+def load_published(path: Path = PUBLISHED_CSV) -> dict[tuple[str, str, int | None, str], tuple[float, float | None]]:
+    """(dataset, method, pairs, metric) -> (value, std or None) from the published-results data file."""
+    out = {}
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            pairs = int(r["pairs"]) if r["pairs"] else None
+            out[(r["dataset"], r["method"], pairs, r["metric"])] = (float(r["value"]),
+                                                                     float(r["std"]) if r["std"] else None)
+    return out
+
+
+def render_with_published(rows: list[Row], dataset: str, fmt: str = "github",
+                          published: dict | None = None) -> str:
+    """Like :func:`render`, with the published value in brackets where the papers report this cell."""
+    published = load_published() if published is None else published
+    headers = ["method", "pairs", "protocol", "seeds", *[h for _, h in COLUMNS]]
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            text = _fmt(*r.values[key])
+            pub = published.get((dataset, r.method, r.budget, key))
+            if pub is not None:
+                text += f" [{pub[0]:.1f}" + (f" ± {pub[1]:.1f}]" if pub[1] is not None else "]")
+            cells.append(text)
+        body.append([r.method, "all" if r.budget is None else r.budget, r.protocol, len(r.seeds), *cells])
+    return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def plot_recall_vs_budget(rows: list[Row], path: Path, title: str = "") -> Path:
+    """r_mean (mean ± std over seeds) against the budget, one line per method; full data as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method in dict.fromkeys(r.method for r in rows if r.budget is not None):
+        pts = sorted((r.budget, *r.values["r_mean"]) for r in rows if r.method == method and r.budget is not None)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=method, marker="o",
+                    capsize=3, lw=1.2)
+    for r in rows:
+        if r.budget is None:
+            ax.axhline(r.values["r_mean"][0], ls="--", color="k", lw=1, label=f"{r.method}")
+    ax.set_xlabel("pairs (budget)")
+    ax.set_ylabel("mean recall (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distill_curves(curves: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> Path | None:
+    """Matching-loss curves (one per method, key ``loss``) of one budget and seed; None when no method logged."""
+    curves = {k: [r for r in v if "loss" in r] for k, v in curves.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, hist in curves.items():
+        ax.plot([r["step"] for r in hist], [r["loss"] for r in hist], label=name, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("matching loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_metrics(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """``{"<method>/b<pairs>": {"r_mean": ..., "r_mean_std": ..., ...}}`` for ``dvc metrics show``."""
+    out = {}
+    for r in rows:
+        key = f"{r.method}/b{'all' if r.budget is None else r.budget}"
+        out[key] = {k: round(v[0], 3) for k, v in r.values.items()} | {
+            f"{k}_std": round(v[1], 3) for k, v in r.values.items()}
+    return out

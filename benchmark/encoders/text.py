@@ -154,7 +154,7 @@ _read_metadata = read_feature_metadata  # older private name, still imported els
 
 
 def embed_split(split: CaptionSplit, out_path: Path, encoder: str = "minilm", device: str = "cpu",
-                batch_size: int = 256) -> Path:
+                batch_size: int = 256, progress: bool = True) -> Path:
     """Encode the captions of ``split`` to ``out_path`` (safetensors: ``features``, ``txt2img``; atomic).
 
     Does nothing when ``out_path`` already holds features of the same captions by the same encoder.
@@ -169,7 +169,7 @@ def embed_split(split: CaptionSplit, out_path: Path, encoder: str = "minilm", de
                 return out_path
         except Exception as err:  # unreadable or truncated file: recompute it
             log.warning("recomputing unreadable feature file %s (%s)", out_path, err)
-    feats = encode_texts(split.captions, encoder, device, batch_size)
+    feats = encode_texts(split.captions, encoder, device, batch_size, progress)
     meta = {"encoder": encoder, "dim": str(feats.shape[1]), "captions_sha256": digest,
             "n_captions": str(split.n_captions), "n_images": str(split.n_images)}
     write_tensors(out_path, {"features": feats, "txt2img": split.txt2img.to(torch.int64)}, metadata=meta)

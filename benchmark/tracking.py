@@ -1,0 +1,143 @@
+"""MLflow tracking: one experiment per dataset, one run per grid cell, nested runs per evaluation student.
+
+The tracking URI defaults to an *absolute* sqlite file in the project (``<project>/mlflow.db``), never a
+cwd-relative path; a DVC experiment running in a temporary copy (``<project>/.dvc/tmp/exps/...``) records into
+the main project's store. ``MLFLOW_TRACKING_URI`` (e.g. ``http://host:5000``) overrides it. Uses
+:class:`mlflow.MlflowClient` only (no fluent-API global run state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+STORE_NAME = "mlflow.db"
+ARTIFACTS_NAME = "mlartifacts"
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The project directory: the main checkout even from inside a DVC experiment's temporary copy."""
+    p = Path(start or Path.cwd()).resolve()
+    parts = p.parts
+    for i in range(len(parts) - 2):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
+            return Path(*parts[:i])
+    for d in (p, *p.parents):
+        if (d / "dvc.yaml").exists() or (d / ".git").exists():
+            return d
+    return p
+
+
+def tracking_uri(root: str | os.PathLike | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project root>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{project_root(root) / STORE_NAME}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A thin, retrying wrapper over :class:`mlflow.MlflowClient` for the benchmark's run layout."""
+
+    def __init__(self, uri: str | None = None, root: str | os.PathLike | None = None):
+        from mlflow import MlflowClient
+
+        self.root = project_root(root)
+        self.uri = uri or tracking_uri(self.root)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create experiment ``name``; safe when several processes create it at once."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(20):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                location = (self.root / ARTIFACTS_NAME / name).as_uri() if _is_local(self.uri) else None
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as exc:  # lost a creation race or the sqlite file was busy
+                log.debug("experiment creation retry %d: %s", attempt, exc)
+                time.sleep(0.1 * (attempt + 1))
+        raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {self.uri}")
+
+    def find_run(self, experiment_id: str, cell_key: str) -> str | None:
+        runs = self.client.search_runs([experiment_id], f"tags.`mmdd.cell_key` = '{cell_key}' and "
+                                                        "attributes.status = 'FINISHED'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_cell(self, experiment: str, run_name: str, cell_key: str, params: dict[str, Any], tags: dict[str, Any],
+                 metrics: dict[str, float], history: list[dict[str, float]], students: list[dict[str, float]],
+                 artifacts: list[Path]) -> str:
+        """Log one grid cell (skipped if a finished run with the same key exists); returns the run id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        exp_id = self.experiment_id(experiment)
+        existing = self.find_run(exp_id, cell_key)
+        if existing:
+            log.info("MLflow run for %s already recorded (%s)", run_name, existing)
+            return existing
+        tags = {**{k: str(v) for k, v in tags.items()}, "mmdd.cell_key": cell_key,
+                "mlflow.source.git.commit": git_commit(self.root)}
+        run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
+        rid = run.info.run_id
+        now = int(time.time() * 1000)
+        params_list = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000])
+                       for k, v in flatten(params).items()]
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for rec in history:
+            step = int(rec.get("step", 0))
+            ms += [Metric(f"distill.{k}", float(v), now, step) for k, v in rec.items() if k != "step"]
+        for i in range(0, max(len(params_list), 1), 100):
+            self.client.log_batch(rid, params=params_list[i:i + 100])
+        for i in range(0, len(ms), 900):
+            self.client.log_batch(rid, metrics=ms[i:i + 900])
+        for path in artifacts:
+            if path.exists():
+                self.client.log_artifact(rid, str(path))
+        exp_tags = {k: v for k, v in tags.items() if k.startswith("mmdd.") and k != "mmdd.cell_key"}
+        for k, student in enumerate(students):
+            child = self.client.create_run(exp_id, run_name=f"{run_name}/student{k}",
+                                           tags={**exp_tags, "mlflow.parentRunId": rid, "mmdd.student": str(k)})
+            self.client.log_batch(child.info.run_id, metrics=[Metric(m, float(v), now, 0) for m, v in student.items()
+                                                              if isinstance(v, (int, float))])
+            self.client.set_terminated(child.info.run_id)
+        self.client.set_terminated(rid)
+        return rid
+
+
+def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the MLflow UI on the benchmark's store (blocks)."""
+    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    log.info("MLflow UI at http://%s:%d (store %s)", host, port, uri)
+    return subprocess.call(cmd)
