@@ -80,6 +80,8 @@ class GridConfig:
     def __post_init__(self) -> None:
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"grid.budgets must be positive pair counts, got {self.budgets}")
+
+    def check_groups(self) -> None:
         if self.groups:
             grouped = sorted(m for ms in self.groups.values() for m in (ms or []))
             if grouped != sorted(self.methods):
@@ -189,6 +191,7 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
 
     for m in sections["grid"].methods:
         get_method(m)  # unknown names fail here, naming the registered choices
+    sections["grid"].check_groups()
     from benchmark.encoders.text import text_encoder_dim
 
     encoder = doc.get("text_encoder", "minilm")

@@ -107,6 +107,9 @@ class Tracker:
         if existing:
             log.info("MLflow run for %s already recorded (%s)", run_name, existing)
             return existing
+        for stale in self.client.search_runs([exp_id], f"tags.`mmdd.cell_key` = '{cell_key}' and "
+                                                       "attributes.status = 'RUNNING'"):
+            self.client.set_terminated(stale.info.run_id, status="KILLED")  # left by an interrupted stage
         tags = {**{k: str(v) for k, v in tags.items()}, "mmdd.cell_key": cell_key,
                 "mlflow.source.git.commit": git_commit(self.root)}
         run = self.client.create_run(exp_id, tags=tags, run_name=run_name)

@@ -1,0 +1,181 @@
+"""`dvc repro` end to end on a tiny grid, in a temporary copy of the repository (issue: pipeline and tracking)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GRID = ["-S", "grid.methods=[random,forgetting]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
+
+pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc not installed in this env")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TQDM_DISABLE"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(cmd, cwd, timeout=600, check=True, **env):
+    res = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def _stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("dvcproj")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("results/", "data/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    _run(["git", "init", "-q"], dst)
+    _run(["mmdd", "init-params", "--preset", "tiny", *GRID], dst)
+    first = _run(["dvc", "repro"], dst)
+    return dst, first.stdout
+
+
+def _mlflow_runs(uri, experiment="mmdd-shapes"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing at {uri}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_repro_outputs_tables_and_mlflow(project):
+    root, out = project
+    stages = _stages_run(out)
+    for s in ("fetch@shapes", "embed@shapes", "experts@shapes", "distill-plain@shapes-random-10-0",
+              "distill-experts@shapes-forgetting-10-1", "evaluate-experts@shapes-forgetting-10-0", "full-data@shapes",
+              "report"):
+        assert s in stages
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root).stdout
+    cell = root / "results/cells/tiny/shapes/forgetting/b10/s1"
+    for name in ("distilled.safetensors", "distilled.json", "distill_info.json", "metrics.json",
+                 "artifacts/images.png", "artifacts/nearest_captions.tsv"):
+        assert (cell / name).exists(), name
+    metrics = json.loads((root / "results/metrics/tiny.json").read_text())
+    assert set(metrics["shapes"]) == {"random/b10", "forgetting/b10", "full-data/ball"}
+    table = (root / "results/tables/tiny/shapes.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| forgetting")]
+    assert len(rows) == 2 and all(line.count("±") == 7 for line in rows)
+    assert (root / "results/tables/tiny/shapes.tex").exists() and (root / "results/README.md").exists()
+    # MLflow, queried back through the client on the absolute sqlite store inside the project
+    client, runs = _mlflow_runs(f"sqlite:///{root / 'mlflow.db'}")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 4 and len(children) == 8
+    for r in parents:
+        t = r.data.tags
+        assert t["mmdd.preset"] == "tiny" and t["mmdd.protocol"] == "strict" and t["mmdd.budget"] == "10"
+        assert t["mlflow.source.git.commit"] and t["mmdd.method"] in ("random", "forgetting")
+        assert 0 <= r.data.metrics["test.r_mean"] <= 100 and r.data.metrics["pairs"] == 10
+        assert r.data.params["method"] == t["mmdd.method"]
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "images.png" in arts and "nearest_captions.tsv" in arts
+
+
+def test_second_repro_does_nothing(project):
+    root, _ = project
+    res = _run(["dvc", "repro"], root)
+    assert _stages_run(res.stdout) == []
+
+
+def test_unknown_method_fails_its_stage_clearly(project):
+    root, _ = project
+    params = root / "params.yaml"
+    saved = params.read_text()
+    try:
+        params.write_text(saved.replace("methods: [random, forgetting]", "methods: [random, forgetting, nope]"))
+        res = _run(["dvc", "repro"], root, check=False)
+        assert res.returncode != 0
+        assert "unknown method 'nope'" in res.stdout + res.stderr
+    finally:
+        params.write_text(saved)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(project):
+    root, _ = project
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--artifacts-destination", str(root / "mlartifacts-server")],
+                            cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_param_change_reruns_only_that_method_and_survives_interruption(project, mlflow_server):
+    root, _ = project
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("forgetting: {}", "forgetting: {lr_img: 0.05}"))
+    # Interrupt the rerun in the middle of the grid, then rerun: it must finish without manual clean-up.
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=_env(MLFLOW_TRACKING_URI=mlflow_server),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("Running stage 'evaluate-experts@shapes-forgetting-10-0'"):
+            time.sleep(2.0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    first = _stages_run("".join(seen))
+    assert first and all("random" not in s for s in first)
+    res = _run(["dvc", "repro"], root, MLFLOW_TRACKING_URI=mlflow_server)
+    rerun = _stages_run(res.stdout)
+    assert "report" in rerun and "evaluate-experts@shapes-forgetting-10-1" in rerun
+    assert all("random" not in s for s in rerun) and "full-data@shapes" not in rerun
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root).stdout
+    info = json.loads((root / "results/cells/tiny/shapes/forgetting/b10/s0/distilled.json").read_text())
+    assert info["meta"]["params"]["lr_img"] == 0.05
+    # The new runs went through the real MLflow server; the old ones are in the same store.
+    _, runs = _mlflow_runs(mlflow_server)
+    finished = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.status == "FINISHED"]
+    by_method = {}
+    for r in finished:
+        by_method.setdefault(r.data.tags["mmdd.method"], []).append(r)
+    assert len(by_method["random"]) == 2 and len(by_method["forgetting"]) == 4
+    assert all(r.info.status != "RUNNING" for r in runs)
