@@ -1,10 +1,12 @@
-# Front door. `make bench` runs the quick benchmark; `make test` runs the test suite. Each creates .venv if missing.
+# Front door. `make bench` runs the quick benchmark through DVC; `make test` runs the test suite.
+# Each creates the virtual environment (.venv) when it is missing.
 PY ?= python3
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
 
-.PHONY: bench test install clean-venv
+.PHONY: bench test install reproduce-paper ui clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,8 +16,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-bench: $(STAMP)
-	$(BIN)/mmdd bench --preset quick
+params.yaml:
+	$(BIN)/mmdd init-params --preset quick
+
+## The embedded default: every method on `shapes`, on CPU, via `dvc repro`; prints the table at the end.
+bench: $(STAMP) params.yaml
+	$(BIN)/dvc repro
+	@cat results/tables/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('params.yaml'))['preset'])")/*.md
+
+## The full reproduction (Flickr30k + COCO, NFNet-L0 + BERT, budgets 100/200/500): needs a GPU and the network.
+reproduce-paper: $(STAMP)
+	$(BIN)/mmdd init-params --preset paper
+	$(BIN)/dvc repro
+
+## MLflow UI on the project's tracking store (http://127.0.0.1:5000).
+ui: $(STAMP)
+	$(BIN)/mmdd ui
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -111,7 +111,7 @@ def cmd_methods(args) -> int:
 
 def cmd_report(bench) -> int:
     for ds, md in bench.report().items():
-        print(f"\n## {ds} ({bench.cfg.preset} preset, protocol {bench.cfg.eval.protocol})\n")
+        print(f"\n## {ds} ({bench.cfg.preset} preset)\n")
         print(md)
     log.info("tables, plots and README written under %s", bench.layout.results_root)
     return 0
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.shortcut(ds)
         elif args.command == "full-data":
             for ds in bench.cfg.datasets:
-                res = bench.full_data(ds)
-                log.info("%s full data: r_mean %.2f ± %.2f", ds, res["r_mean"]["mean"], res["r_mean"]["std"])
+                r = bench.full_data(ds)["protocols"]["strict"]["r_mean"]
+                log.info("%s full data: r_mean %.2f ± %.2f", ds, r["mean"], r["std"])
         elif args.command == "distill":
             for cell in _cells(bench, args):
                 bench.distill(*cell, force=args.force, runner=args.runner)
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             for cell in _cells(bench, args):
                 res = bench.evaluate(*cell, force=args.force)
-                log.info("%s %s b=%d s=%d: r_mean %.2f ± %.2f", *cell, res["r_mean"]["mean"], res["r_mean"]["std"])
+                for proto, summary in res["protocols"].items():
+                    log.info("%s %s b=%d s=%d %s: r_mean %.2f ± %.2f", *cell, proto, summary["r_mean"]["mean"],
+                             summary["r_mean"]["std"])
         elif args.command == "report":
             return cmd_report(bench)
         elif args.command == "bench":

@@ -30,12 +30,13 @@ class Row:
 
 
 def collect_rows(metrics: list[dict[str, Any]]) -> list[Row]:
-    """Group cell metrics (as written by ``Bench.evaluate``) by (method, budget)."""
+    """Group cell metrics (as written by ``Bench.evaluate``) by (method, budget, protocol)."""
     groups: dict[tuple[str, int | None, str], list[dict[str, Any]]] = {}
     for m in metrics:
-        groups.setdefault((m["method"], m.get("budget"), m.get("protocol", "strict")), []).append(m)
+        for protocol, summary in m["protocols"].items():
+            groups.setdefault((m["method"], m.get("budget"), protocol), []).append(dict(summary, seed=m.get("seed", 0)))
     rows = []
-    for (method, budget, protocol), cells in groups.items():
+    for (method, budget, protocol), cells in sorted(groups.items(), key=lambda kv: (kv[0][2] != "strict",)):
         values = {}
         for key, _ in COLUMNS:
             per_seed = [c[key]["mean"] for c in cells]
@@ -110,7 +111,7 @@ def render_with_published(rows: list[Row], dataset: str, fmt: str = "github",
         cells = []
         for key, _ in COLUMNS:
             text = _fmt(*r.values[key])
-            pub = published.get((dataset, r.method, r.budget, key))
+            pub = published.get((dataset, r.method, r.budget, key)) if r.protocol == "paper" else None
             if pub is not None:
                 text += f" [{pub[0]:.1f}" + (f" ± {pub[1]:.1f}]" if pub[1] is not None else "]")
             cells.append(text)
@@ -173,7 +174,7 @@ def summary_metrics(rows: list[Row]) -> dict[str, dict[str, float]]:
     """``{"<method>/b<pairs>": {"r_mean": ..., "r_mean_std": ..., ...}}`` for ``dvc metrics show``."""
     out = {}
     for r in rows:
-        key = f"{r.method}/b{'all' if r.budget is None else r.budget}"
+        key = f"{r.method}/b{'all' if r.budget is None else r.budget}/{r.protocol}"
         out[key] = {k: round(v[0], 3) for k, v in r.values.items()} | {
             f"{k}_std": round(v[1], 3) for k, v in r.values.items()}
     return out

@@ -76,10 +76,12 @@ def test_repro_outputs_tables_and_mlflow(project):
                  "artifacts/images.png", "artifacts/nearest_captions.tsv"):
         assert (cell / name).exists(), name
     metrics = json.loads((root / "results/metrics/tiny.json").read_text())
-    assert set(metrics["shapes"]) == {"random/b10", "forgetting/b10", "full-data/ball"}
+    assert set(metrics["shapes"]) == {"random/b10/strict", "forgetting/b10/strict", "random/b10/paper",
+                                      "forgetting/b10/paper", "full-data/ball/strict"}
     table = (root / "results/tables/tiny/shapes.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| forgetting")]
-    assert len(rows) == 2 and all(line.count("±") == 7 for line in rows)
+    assert len(rows) == 4 and all(line.count("±") == 7 for line in rows)
+    assert sum("| strict" in line for line in rows) == 2 and sum("| paper" in line for line in rows) == 2
     assert (root / "results/tables/tiny/shapes.tex").exists() and (root / "results/README.md").exists()
     # MLflow, queried back through the client on the absolute sqlite store inside the project
     client, runs = _mlflow_runs(f"sqlite:///{root / 'mlflow.db'}")
@@ -88,9 +90,10 @@ def test_repro_outputs_tables_and_mlflow(project):
     assert len(parents) == 4 and len(children) == 8
     for r in parents:
         t = r.data.tags
-        assert t["mmdd.preset"] == "tiny" and t["mmdd.protocol"] == "strict" and t["mmdd.budget"] == "10"
+        assert t["mmdd.preset"] == "tiny" and t["mmdd.protocol"] == "strict,paper" and t["mmdd.budget"] == "10"
         assert t["mlflow.source.git.commit"] and t["mmdd.method"] in ("random", "forgetting")
-        assert 0 <= r.data.metrics["test.r_mean"] <= 100 and r.data.metrics["pairs"] == 10
+        assert 0 <= r.data.metrics["test.r_mean"] <= r.data.metrics["test_paper.r_mean"] <= 100
+        assert r.data.metrics["pairs"] == 10
         assert r.data.params["method"] == t["mmdd.method"]
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert "images.png" in arts and "nearest_captions.tsv" in arts
