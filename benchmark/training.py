@@ -84,3 +84,35 @@ def encode(model: DualEncoder, images, texts: torch.Tensor, device: str | torch.
 
 def freeze_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _PairImages(torch.utils.data.Dataset):
+    """Pair index -> transformed image of that pair (for loading through DataLoader workers)."""
+
+    def __init__(self, images, caption_image: torch.Tensor):
+        self.images = images
+        self.caption_image = caption_image
+
+    def __len__(self) -> int:
+        return len(self.caption_image)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.images[int(self.caption_image[j])]
+
+
+def pair_batches(train, batches: list[torch.Tensor], num_workers: int, seed: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(pair indices, images, caption features) per batch. Preloaded tensors are indexed directly; image datasets
+    (decoded and augmented per access) are loaded by ``num_workers`` seeded DataLoader workers."""
+    if isinstance(train.images, torch.Tensor):
+        for idx in batches:
+            x, t = train.pairs(idx)
+            yield idx, x, t
+        return
+    from benchmark.seeding import seed_worker
+
+    loader = torch.utils.data.DataLoader(_PairImages(train.images, train.caption_image), batch_sampler=batches,
+                                         num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=False,
+                                         generator=torch.Generator().manual_seed(seed))
+    for idx, x in zip(batches, loader):
+        yield idx, x, train.texts[idx]

@@ -27,7 +27,7 @@ from benchmark.experts.store import ExpertTrajectory, expert_path, write_expert
 from benchmark.interface import TrainData
 from benchmark.models.student import FlatStudent, StudentConfig, build_student
 from benchmark.seeding import derive_seed, seeded
-from benchmark.training import SGDConfig, contrastive_step, index_batches, make_optimizer
+from benchmark.training import SGDConfig, contrastive_step, index_batches, make_optimizer, pair_batches
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ExpertConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     seed: int = 0
+    num_workers: int = 4  # image-loading workers when images are decoded per access (real datasets)
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "epochs", "batch_size"):
@@ -57,8 +58,8 @@ class ExpertConfig:
 def config_hash(student: StudentConfig, cfg: ExpertConfig, data_id: str) -> str:
     """Hash of everything that determines an expert's trajectory except its index."""
     doc = {"student": {k: v for k, v in asdict(student).items() if k != "tower_config"},
-           "tower_config": student.tower_config, "experts": {k: v for k, v in asdict(cfg).items()
-                                                             if k != "num_experts"}, "data": data_id}
+           "tower_config": student.tower_config, "data": data_id,
+           "experts": {k: v for k, v in asdict(cfg).items() if k not in ("num_experts", "num_workers")}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -97,8 +98,8 @@ def train_expert(index: int, train: TrainData, student: StudentConfig, cfg: Expe
     counter = ForgettingCounter(train.n_pairs)
     drop_last = train.n_pairs > cfg.batch_size
     for epoch in tqdm(range(cfg.epochs), desc=f"expert {index}", disable=not progress, leave=False):
-        for idx in index_batches(train.n_pairs, cfg.batch_size, gen, drop_last=drop_last):
-            x, t = train.pairs(idx)
+        batches = list(index_batches(train.n_pairs, cfg.batch_size, gen, drop_last=drop_last))
+        for idx, x, t in pair_batches(train, batches, cfg.num_workers, seed + epoch):
             logits = contrastive_step(model, opt, x.to(device), t.to(device), None, "ce")
             counter.update(idx, ForgettingCounter.learned(logits))
         for t in ("img", "txt"):
