@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         _cell_args(p)
         if name == "distill":
-            p.add_argument("--runner", default="local", help="where the method runs: local (this process) or "
-                           "docker (an isolated container; the harness validates its output) [local]")
+            p.add_argument("--runner", default=os.environ.get("MMDD_RUNNER", "local"),
+                           help="where the method runs: local (this process) or docker (an isolated container; the "
+                                "harness validates its output) [$MMDD_RUNNER or local]")
+    from benchmark.entries import add_entry_commands
+
+    add_entry_commands(sub)
     return parser
 
 
@@ -159,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return cmd_methods(args)
+        from benchmark.entries import ENTRY_COMMANDS, run_entry_command
+
+        if args.command in ENTRY_COMMANDS:
+            return run_entry_command(args)
         if args.command == "init-params":
             from benchmark.params import write_params
 

@@ -15,14 +15,19 @@ from methods.coresets.common import CoresetMethod, pair_features
 
 
 def herding_select(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` rows of ``features`` chosen by greedy herding."""
+    """Indices of ``k`` rows of ``features`` chosen by greedy herding.
+
+    ‖μ − (A + f_j)/k‖² = ‖w − f_j‖²/k² with w = kμ − A, so each step is one matrix-vector product:
+    argmin_j ‖f_j‖² − 2 f_j·w.
+    """
     f = features.double()
     mu = f.mean(0)
+    sq = (f * f).sum(1)
     chosen = torch.zeros(len(f), dtype=torch.bool)
     acc = torch.zeros_like(mu)
     out = []
     for step in range(1, k + 1):
-        dist = ((mu - (acc + f) / step) ** 2).sum(1)
+        dist = sq - 2 * (f @ (step * mu - acc))
         dist[chosen] = float("inf")
         j = int(torch.argmin(dist))
         out.append(j)

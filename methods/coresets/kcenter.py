@@ -17,12 +17,17 @@ from methods.coresets.common import CoresetMethod, pair_features
 def kcenter_select(features: torch.Tensor, k: int, first: int) -> torch.Tensor:
     """Indices of ``k`` rows chosen by greedy farthest-point traversal starting at row ``first``."""
     f = features.double()
+    sq = (f * f).sum(1)
+
+    def dist2(j: int) -> torch.Tensor:  # squared distances to row j, one matrix-vector product
+        return (sq - 2 * (f @ f[j]) + sq[j]).clamp_min(0)
+
     out = [first]
-    mind = torch.cdist(f, f[first:first + 1]).squeeze(1)
+    mind = dist2(first)
     for _ in range(k - 1):
         j = int(torch.argmax(mind))
         out.append(j)
-        mind = torch.minimum(mind, torch.cdist(f, f[j:j + 1]).squeeze(1))
+        mind = torch.minimum(mind, dist2(j))
     return torch.tensor(out, dtype=torch.long)
 
 
