@@ -18,7 +18,7 @@ candidates come before ground-truth ones (e.g. ``numpy.lexsort((is_gt, -score))`
 descending argsort, i.e. the BLIP reference. A NaN at a non-ground-truth position never outranks anything (it sorts
 last); a NaN ground-truth score is an error.
 
-How it is computed (one pass over ``sim``, in cache-sized row blocks):
+How it is computed (one pass over ``sim``, in cache-sized row blocks, split over threads):
 
 * IR: ``g[c] = sim[txt2img[c], c]``; ``rank[c] = #{i : sim[i, c] >= g[c]} - 1`` (the ground truth counts itself).
 * TR: ``m[i] = max_{c in GT(i)} sim[i, c]``; ``rank[i] = #{c : sim[i, c] >= m[i]} - #{c in GT(i) : sim[i, c] == m[i]}``
@@ -27,7 +27,9 @@ How it is computed (one pass over ``sim``, in cache-sized row blocks):
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
 
 import torch
 
@@ -70,10 +72,34 @@ def _validate(sim: torch.Tensor, txt2img: torch.Tensor | Sequence[int]) -> tuple
     return sim, txt2img
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (restored on exit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def retrieval_ranks(sim: torch.Tensor, txt2img: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-based ranks ``(tr_rank [n_images], ir_rank [n_captions])`` (int64) under the module's tie rule."""
+    """Zero-based ranks ``(tr_rank [n_images], ir_rank [n_captions])`` (int64) under the module's tie rule.
+
+    On CPU the work is split over ``torch.get_num_threads()`` Python threads that each run single-threaded torch ops
+    (torch's own thread count is set to 1 for the duration of the call and restored afterwards): many short
+    OpenMP-parallel ops stall badly (10x and more, measured) when the cores are shared with other processes.
+    """
     sim, txt2img = _validate(sim, txt2img)
+    if sim.device.type != "cpu":
+        return _ranks(sim, txt2img, workers=1)
+    workers = torch.get_num_threads()
+    with _intra_op_threads(1):
+        return _ranks(sim, txt2img, workers)
+
+
+def _ranks(sim: torch.Tensor, txt2img: torch.Tensor, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_images, n_captions = sim.shape
     cols = torch.arange(n_captions, device=sim.device)
     gt = sim[txt2img, cols]                                               # [C] ground-truth score per caption
@@ -84,14 +110,26 @@ def retrieval_ranks(sim: torch.Tensor, txt2img: torch.Tensor | Sequence[int]) ->
     best = best.scatter_reduce(0, txt2img, gt, reduce="amax")             # [I] best ground-truth score per image
     gt_ties = torch.bincount(txt2img[gt == best[txt2img]], minlength=n_images)  # GT captions equal to that best
 
-    col_count = torch.zeros(n_captions, dtype=torch.int64, device=sim.device)
     row_count = torch.empty(n_images, dtype=torch.int64, device=sim.device)
     rows = max(1, _BLOCK_BYTES // max(1, n_captions * sim.element_size()))
-    gt_row = gt.unsqueeze(0)
-    for a in range(0, n_images, rows):  # count_nonzero beats sum(bool) ~1.5x here (measured)
-        block = sim[a:a + rows]
-        col_count += torch.count_nonzero(block >= gt_row, dim=0)
-        row_count[a:a + rows] = torch.count_nonzero(block >= best[a:a + rows, None], dim=1)
+    workers = max(1, min(workers, -(-n_images // rows)))
+    bounds = [n_images * k // workers for k in range(workers + 1)]
+    partial = [torch.zeros(n_captions, dtype=torch.int64, device=sim.device) for _ in range(workers)]
+
+    def count(w: int) -> None:  # the rows bounds[w]:bounds[w+1], in cache-sized blocks
+        gt_row = gt.unsqueeze(0)
+        for a in range(bounds[w], bounds[w + 1], rows):
+            b = min(a + rows, bounds[w + 1])
+            block = sim[a:b]
+            partial[w] += torch.count_nonzero(block >= gt_row, dim=0)
+            row_count[a:b] = torch.count_nonzero(block >= best[a:b, None], dim=1)
+
+    if workers == 1:
+        count(0)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(count, range(workers)))
+    col_count = torch.stack(partial).sum(0)
     return row_count - gt_ties, col_count - 1
 
 

@@ -1,0 +1,1 @@
+"""Performance benchmark scripts (run as ``python -m benchmark.perf.<name>``); not part of the test suite."""
