@@ -1,6 +1,7 @@
 """Tables over the grid: per dataset, rows method × budget, columns the retrieval metrics as mean ± std over seeds.
 
-A cell's value is the mean over its evaluation students; the ± is the sample std of those cell values over seeds.
+A cell's value is the mean over its evaluation students; the ± is the sample std of those cell values over seeds
+(for a row with a single cell, such as the full-data reference, the std over its students).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def collect_rows(metrics: list[dict[str, Any]]) -> list[Row]:
         values = {}
         for key, _ in COLUMNS:
             per_seed = [c[key]["mean"] for c in cells]
-            values[key] = (statistics.fmean(per_seed), statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0)
+            if len(per_seed) > 1:
+                values[key] = (statistics.fmean(per_seed), statistics.stdev(per_seed))
+            else:  # a single cell (e.g. the full-data row): the spread over its evaluation students
+                values[key] = (per_seed[0], cells[0][key]["std"])
         rows.append(Row(method, budget, protocol, sorted(c.get("seed", 0) for c in cells), values))
     return rows
 
