@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where the method runs: local (this process) or docker (an isolated container; the "
                                 "harness validates its output) [$MMDD_RUNNER or local]")
     from benchmark.entries import add_entry_commands
+    from benchmark.sweep import add_sweep_command
 
     add_entry_commands(sub)
+    add_sweep_command(sub)
     return parser
 
 
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmark.tracking import serve_ui, tracking_uri
 
             return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port)
+        if args.command == "sweep":
+            from benchmark.sweep import run_sweep_command
+
+            return run_sweep_command(args)
         bench = _bench(args)
         if args.command == "fetch":
             for ds in bench.cfg.datasets:

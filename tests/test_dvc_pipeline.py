@@ -131,7 +131,7 @@ def mlflow_server(project):
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--artifacts-destination", str(root / "mlartifacts-server")],
-                            cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=root, env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
