@@ -299,9 +299,10 @@ class Bench:
         out = cell / "artifacts"
         images = torch.cat([p.images for p in dset.phases])
         texts = torch.cat([p.texts for p in dset.phases])
-        train = self.train_data(ds)
+        train_texts, _ = self._features(ds, "train")  # captions and features only: no image decoding here
+        captions = self.load_caption_split(ds, "train").captions
         paths = [save_image_grid(images, self.cfg.data.norm, out / "images.png"),
-                 save_nearest_captions(texts, train.texts, train.captions, out / "nearest_captions.tsv")]
+                 save_nearest_captions(texts, train_texts, captions, out / "nearest_captions.tsv")]
         curve = save_loss_curve(read_history(cell), out / "loss_curve.png", cell.relative_to(self.layout.results_root)
                                 .as_posix())
         return paths + ([curve] if curve else [])
