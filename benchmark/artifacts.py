@@ -54,26 +54,42 @@ def save_nearest_captions(texts: torch.Tensor, train_texts: torch.Tensor, captio
     return path
 
 
-def save_loss_curve(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
-    """Plot every logged key containing 'loss' against the iteration; None if there is nothing to plot."""
-    keys = sorted({k for rec in history for k in rec if "loss" in k})
-    if not keys:
-        return None
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in history if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("matching loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a figure as PNG atomically and close it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, ylabel: str,
+              title: str = "") -> Path:
+    """One line per labelled (xs, ys) series."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_loss_curve(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
+    """Plot every logged key containing 'loss' against the iteration; None if there is nothing to plot."""
+    keys = sorted({k for rec in history for k in rec if "loss" in k})
+    if not keys:
+        return None
+    series = {k: ([r["step"] for r in history if k in r], [r[k] for r in history if k in r]) for k in keys}
+    return line_plot(series, path, "iteration", "matching loss", title)

@@ -125,12 +125,9 @@ def render_with_published(rows: list[Row], dataset: str, fmt: str = "github",
 
 def plot_recall_vs_budget(rows: list[Row], path: Path, title: str = "") -> Path:
     """r_mean (mean ± std over seeds) against the budget, one line per method; full data as a dashed line."""
-    import matplotlib
+    from benchmark.artifacts import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
     for method in dict.fromkeys(r.method for r in rows if r.budget is not None):
         pts = sorted((r.budget, *r.values["r_mean"]) for r in rows if r.method == method and r.budget is not None)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=method, marker="o",
@@ -142,11 +139,7 @@ def plot_recall_vs_budget(rows: list[Row], path: Path, title: str = "") -> Path:
     ax.set_ylabel("mean recall (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_distill_curves(curves: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> Path | None:
@@ -155,23 +148,10 @@ def plot_distill_curves(curves: dict[str, list[dict[str, float]]], path: Path, t
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    import matplotlib
+    from benchmark.artifacts import line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, hist in curves.items():
-        ax.plot([r["step"] for r in hist], [r["loss"] for r in hist], label=name, lw=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("matching loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    series = {name: ([r["step"] for r in hist], [r["loss"] for r in hist]) for name, hist in curves.items()}
+    return line_plot(series, path, "iteration", "matching loss", title)
 
 
 def summary_metrics(rows: list[Row]) -> dict[str, dict[str, float]]:
