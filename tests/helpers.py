@@ -20,3 +20,20 @@ def random_train(n_images: int = 12, caps_per_image: int = 2, text_dim: int = 6,
     caption_image = torch.arange(n_images).repeat_interleave(caps_per_image)
     texts = torch.randn(len(caption_image), text_dim, generator=g)
     return TrainData(images, texts, caption_image, [f"c{i}" for i in range(len(caption_image))])
+
+
+def copy_repo(dst):
+    """Copy the repository's files (tracked and untracked-not-ignored; no data/ or results/) into ``dst``."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = repo / rel
+        if src.is_file() and not rel.startswith(("results/", "data/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst

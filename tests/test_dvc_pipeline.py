@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import copy_repo
+
 BIN = Path(sys.executable).parent
 GRID = ["-S", "grid.methods=[random,forgetting]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
 
@@ -40,14 +41,7 @@ def _stages_run(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("dvcproj")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("results/", "data/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
+    dst = copy_repo(tmp_path_factory.mktemp("dvcproj"))
     _run(["git", "init", "-q"], dst)
     _run(["mmdd", "init-params", "--preset", "tiny", *GRID], dst)
     first = _run(["dvc", "repro"], dst)

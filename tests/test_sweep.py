@@ -27,8 +27,8 @@ import yaml
 
 from benchmark.sweep.cell import remove_partials
 from benchmark.sweep.stages import Stage, levels, partial_globs, select, tasks_for
+from tests.helpers import copy_repo
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GRID = ["-S", "grid.methods=[random,forgetting]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
 HEADER = re.compile(r"^=== mmdd sweep \| (\S+) \| attempt (\d+) \| host \S+ \| node (\S+) \| pid (\d+) \|", re.M)
@@ -296,14 +296,7 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the repository with the tiny preset's params.yaml and nothing run yet."""
-    dst = tmp_path_factory.mktemp("sweepproj")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("results/", "data/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
+    dst = copy_repo(tmp_path_factory.mktemp("sweepproj"))
     assert _run(["git", "init", "-q"], dst).returncode == 0
     res = _run([str(BIN / "mmdd"), "init-params", "--preset", "tiny", *GRID], dst)
     assert res.returncode == 0, res.stderr
