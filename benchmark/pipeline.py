@@ -323,12 +323,12 @@ class Bench:
             metrics |= {f"{prefix}.{k}_std": v["std"] for k, v in summary.items() if isinstance(v, dict)}
         if info.get("seconds") is not None:
             metrics["distill_seconds"] = info["seconds"]
-        iter_secs = [r["seconds_per_iter"] for r in history if "seconds_per_iter" in r]
+        iter_secs = [r["sec_per_iter"] for r in history if "sec_per_iter" in r]
         if iter_secs:
             metrics["seconds_per_iter"] = sum(iter_secs) / len(iter_secs)
-        peaks = [r[k] for r in history for k in r if k.startswith("peak_mem")]
+        peaks = [r["peak_mem_mb"] for r in history if "peak_mem_mb" in r]
         if peaks:
-            metrics["peak_memory_bytes"] = max(peaks)
+            metrics["peak_memory_mb"] = max(peaks)
         dset_meta = read_json(cell / "distilled.json")["meta"]
         params = {"method": method, "budget": budget, "seed": seed, "dataset": ds,
                   "method_params": dset_meta.get("params", {}), "eval": asdict(self.cfg.eval),

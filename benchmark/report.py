@@ -143,14 +143,15 @@ def plot_recall_vs_budget(rows: list[Row], path: Path, title: str = "") -> Path:
 
 
 def plot_distill_curves(curves: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> Path | None:
-    """Matching-loss curves (one per method, key ``loss``) of one budget and seed; None when no method logged."""
-    curves = {k: [r for r in v if "loss" in r] for k, v in curves.items()}
+    """Matching-loss curves (one per method, logged key ``match_loss``) of one budget and seed; None when no
+    method logged one."""
+    curves = {k: [r for r in v if "match_loss" in r] for k, v in curves.items()}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
     from benchmark.artifacts import line_plot
 
-    series = {name: ([r["step"] for r in hist], [r["loss"] for r in hist]) for name, hist in curves.items()}
+    series = {name: ([r["step"] for r in hist], [r["match_loss"] for r in hist]) for name, hist in curves.items()}
     return line_plot(series, path, "iteration", "matching loss", title)
 
 

@@ -80,3 +80,22 @@ def test_distill_evaluate_report_and_idempotent_rerun(tiny_project, tmp_path, ca
     assert "| random" in out and "| forgetting" in out and "±" in out
     table = tmp_path / "results" / "tables" / "tiny" / "shapes.csv"
     assert table.exists() and "r_mean_mean" in table.read_text()
+
+
+def test_matching_cell_logs_its_curves_to_mlflow_and_the_report(tiny_project, tmp_path):
+    from mlflow import MlflowClient
+
+    args = _copy(tiny_project, tmp_path)
+    for stage in ("shortcut", "distill", "evaluate"):
+        extra = [] if stage == "shortcut" else ["--method", "tesla-vl", "--budget", "10", "--seed", "0"]
+        assert main([stage, *args, *extra]) == 0
+    results = tmp_path / "results"
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mmdd-shapes")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert run.data.metrics["seconds_per_iter"] > 0 and run.data.metrics["peak_memory_mb"] > 0
+    history = client.get_metric_history(run.info.run_id, "distill.match_loss")
+    assert len(history) == 3 and [m.step for m in history] == [1, 2, 3]  # tiny preset: 3 iterations
+    assert main(["report", *args, "-S", "grid.methods=[tesla-vl]", "-S", "grid.budgets=[10]",
+                 "-S", "grid.seeds=[0]"]) == 0
+    assert (results / "plots" / "tiny" / "shapes_distill_curves.png").exists()
