@@ -21,7 +21,16 @@ from benchmark.io import write_json, write_tensors
 
 TOWERS = ("img", "txt")
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^expert_(\d{3,})\.safetensors$")
+
+
+def indexed_files(directory: Path, prefix: str, what: str, command: str) -> list[Path]:
+    """``<prefix>_NNN.safetensors`` files of ``directory`` sorted by their explicit index; a clear error naming
+    ``command`` when there are none."""
+    name = re.compile(rf"^{re.escape(prefix)}_(\d{{3,}})\.safetensors$")
+    files = sorted((int(m.group(1)), p) for p in directory.glob(f"{prefix}_*.safetensors") if (m := name.match(p.name)))
+    if not files:
+        raise FileNotFoundError(f"no {what} in {directory}: run `{command}` first")
+    return [p for _, p in files]
 
 
 def expert_path(directory: str | Path, index: int) -> Path:
@@ -104,11 +113,8 @@ class ExpertCollection:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        files = sorted((int(m.group(1)), p) for p in self.directory.glob("expert_*.safetensors")
-                       if (m := _NAME.match(p.name)))
-        if not files:
-            raise FileNotFoundError(f"no expert trajectories in {self.directory}: run `mmdd experts` first")
-        self.experts = [ExpertTrajectory.open(p) for _, p in files]
+        paths = indexed_files(self.directory, "expert", "expert trajectories", "mmdd experts")
+        self.experts = [ExpertTrajectory.open(p) for p in paths]
 
     def __len__(self) -> int:
         return len(self.experts)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,14 +29,13 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from benchmark.experts.store import TOWERS, ExpertCollection, ExpertTrajectory
+from benchmark.experts.store import TOWERS, ExpertCollection, ExpertTrajectory, indexed_files
 from benchmark.io import write_json, write_tensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mmdd-shortcut"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^shortcut_(\d{3,})\.safetensors$")
 
 
 def shortcut_path(directory: str | Path, index: int) -> Path:
@@ -187,11 +185,8 @@ class ShortcutCollection:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        files = sorted((int(m.group(1)), p) for p in self.directory.glob("shortcut_*.safetensors")
-                       if (m := _NAME.match(p.name)))
-        if not files:
-            raise FileNotFoundError(f"no shortcut trajectories in {self.directory}: run `mmdd shortcut` first")
-        self.items = [ShortcutTrajectory.open(p) for _, p in files]
+        paths = indexed_files(self.directory, "shortcut", "shortcut trajectories", "mmdd shortcut")
+        self.items = [ShortcutTrajectory.open(p) for p in paths]
 
     def __len__(self) -> int:
         return len(self.items)
