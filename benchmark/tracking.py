@@ -8,17 +8,22 @@ the main project's store. ``MLFLOW_TRACKING_URI`` (e.g. ``http://host:5000``) ov
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
 STORE_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
+_READY: set[str] = set()  # store URIs this process has initialised
+_READY_LOCK = threading.Lock()
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
@@ -40,6 +45,44 @@ def tracking_uri(root: str | os.PathLike | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{project_root(root) / STORE_NAME}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (SQLAlchemy: ``sqlite:////abs`` or ``sqlite:///rel``); None for
+    in-memory or non-sqlite stores."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = unquote(uri[len(prefix):].split("?", 1)[0])
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def ensure_store(uri: str) -> None:
+    """Create and migrate a local sqlite store once, under an inter-process lock beside the database.
+
+    MLflow migrates a fresh sqlite database on its client's first call; several processes doing that at once race in
+    alembic (``table ... already exists``). The first process to take the lock migrates the schema and creates the
+    default experiment; the others wait, then find the store ready. Remote stores migrate on the server: no-op.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    with _READY_LOCK:
+        if uri in _READY:
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                from mlflow import MlflowClient
+
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # builds (migrates) the store
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _READY.add(uri)
+        log.debug("MLflow store %s ready", uri)
 
 
 def _is_local(uri: str) -> bool:
@@ -73,6 +116,7 @@ class Tracker:
 
         self.root = project_root(root)
         self.uri = uri or tracking_uri(self.root)
+        ensure_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     def experiment_id(self, name: str) -> str:
