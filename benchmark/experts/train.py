@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from benchmark import __version__
-from benchmark.experts.store import ExpertTrajectory, expert_path, write_expert
+from benchmark.experts.store import expert_path, expert_problem, sidecar_path, write_expert
 from benchmark.interface import TrainData
 from benchmark.models.student import FlatStudent, StudentConfig, build_student
 from benchmark.seeding import derive_seed, seeded
@@ -114,22 +114,22 @@ def train_experts(out_dir: str | Path, train: TrainData, student: StudentConfig,
                   progress: bool = True) -> list[Path]:
     """Train the experts ``indices`` (default: all) into ``out_dir``; finished experts with the same config are kept.
 
-    Every expert has an explicit index and a deterministic path, so reruns and parallel workers never collide.
+    Every expert has an explicit index and a deterministic path, so reruns and parallel workers never collide. An
+    existing expert is kept only when its tensor file and sidecar are both there and its content matches the sha256
+    in the sidecar (a full pass over the file); a corrupt, half-written or stale one is retrained.
     """
     out_dir = Path(out_dir)
     chash = config_hash(student, cfg, data_id)
     paths = []
     for k in (range(cfg.num_experts) if indices is None else indices):
         path = expert_path(out_dir, k)
-        if path.exists():
-            try:
-                if ExpertTrajectory.open(path).meta.get("config_hash") == chash:
-                    log.info("expert %d up to date (%s)", k, path.name)
-                    paths.append(path)
-                    continue
-            except ValueError:
-                pass
-            log.info("expert %d is stale or corrupt; retraining", k)
+        if path.exists() or sidecar_path(path).exists():
+            problem = expert_problem(path, chash)
+            if problem is None:
+                log.info("expert %d up to date (%s, content hash verified)", k, path.name)
+                paths.append(path)
+                continue
+            log.warning("expert %d (%s) %s; retraining it", k, path, problem)
         with seeded(derive_seed(cfg.seed, "expert-rng", k)):
             traj, stats, flat = train_expert(k, train, student, cfg, device, progress)
         meta: dict[str, Any] = {
