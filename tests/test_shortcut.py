@@ -121,3 +121,47 @@ def test_teacher_finds_segment_dirs_under_a_root_and_next_to_the_experts(experts
     assert make_teacher(TeacherSpec("shortcut", 0, 2), experts, default_shortcut_dir(root, 0, 2)).source \
         == str(default_shortcut_dir(root, 0, 2))
     assert make_teacher(TeacherSpec("shortcut", 0, 3), experts, root).source.startswith("in-memory")
+
+
+# ----------------------------------------------------------------------------------------------- integrity (Trust)
+def _flip_byte(path, key):
+    """Flip one bit in the middle of tensor ``key``'s data, in place."""
+    import json
+    import struct
+
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    a, b = json.loads(data[8:8 + n])[key]["data_offsets"]
+    data[8 + n + (a + b) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bit_in_a_shortcut_file_is_detected_and_rebuilt(experts, tmp_path, caplog):
+    from benchmark.experts.store import content_problem
+
+    paths = build_shortcuts(experts.directory, tmp_path / "sc", 1, 4)
+    good = paths[0].read_bytes()
+    mtime1 = paths[1].stat().st_mtime_ns
+    _flip_byte(paths[0], "txt.end")
+    sc = ShortcutTrajectory.open(paths[0])  # β is intact; the endpoint is checked when first read
+    assert torch.equal(sc.read("img", 4), experts[0].read("img", 4))
+    with pytest.raises(ValueError, match=r"shortcut_000\.safetensors is corrupt: tensor 'txt\.end'.*`mmdd shortcut`"):
+        sc.read("txt", 4)
+    _flip_byte(paths[1], "img.beta")  # β is read on open: refused there
+    with pytest.raises(ValueError, match=r"shortcut_001\.safetensors is corrupt: tensor 'img\.beta'"):
+        ShortcutCollection(tmp_path / "sc")
+    # the builder verifies content before keeping a file: both corrupt files are rebuilt, bit for bit
+    with caplog.at_level("WARNING", logger="methods.matching.shortcut"):
+        build_shortcuts(experts.directory, tmp_path / "sc", 1, 4)
+    assert "shortcut_000.safetensors" in caplog.text and "shortcut_001.safetensors" in caplog.text
+    assert paths[0].read_bytes() == good and paths[1].stat().st_mtime_ns != mtime1
+    assert all(content_problem(p) is None for p in paths)
+
+
+def test_shortcut_without_its_sidecar_is_incomplete_and_rebuilt(experts, tmp_path):
+    paths = build_shortcuts(experts.directory, tmp_path / "sc", 0, 2)
+    paths[1].with_suffix(".json").unlink()  # crash between the tensor file and its sidecar
+    with pytest.raises(ValueError, match=r"shortcut_001\.safetensors is corrupt or incomplete: it has no sidecar"):
+        ShortcutCollection(tmp_path / "sc")
+    build_shortcuts(experts.directory, tmp_path / "sc", 0, 2)
+    assert paths[1].with_suffix(".json").exists() and len(ShortcutCollection(tmp_path / "sc")) == 2

@@ -153,6 +153,14 @@ def content_problem(path: str | Path) -> str | None:
     return None
 
 
+def recorded_sha256(path: str | Path) -> str | None:
+    """The whole-file sha256 recorded in ``path``'s sidecar (None when there is none)."""
+    try:
+        return str(read_json(sidecar_path(path))["sha256"]["file"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def open_checked(path: str | Path, what: str, command: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(metadata, per-tensor digests) of a file pair whose header matches its sidecar; errors name the fix."""
     path = Path(path)

@@ -11,7 +11,9 @@ so both endpoints are kept exactly, the intermediate points lie on the segment, 
 
 On disk, one ``shortcut_{index:03d}.safetensors`` per expert holds only ``{tower}.start``, ``{tower}.end`` (float32,
 copied bit for bit from the expert) and ``{tower}.beta`` (float64, ``[layers, K+1]``) — never per-epoch copies — with
-the JSON metadata in the header and in a sidecar. :class:`ShortcutTrajectory` yields θ̃(t) on demand.
+the JSON metadata in the header and in a sidecar. :class:`ShortcutTrajectory` yields θ̃(t) on demand. Files are
+written and verified like expert files (:func:`benchmark.experts.store.write_checked`): per-tensor sha256 checked on
+first read, the sidecar (written last) holds the file's sha256 and the source expert's.
 
 Layer boundaries come from the expert metadata (``param_names``/``shapes`` per tower, or ``layer_numels``) or from an
 explicit ``layer_numels`` argument (e.g. :meth:`benchmark.models.student.FlatStudent.layer_slices`).
@@ -19,7 +21,6 @@ explicit ``layer_numels`` argument (e.g. :meth:`benchmark.models.student.FlatStu
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,15 +28,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 
-from benchmark.experts.store import TOWERS, ExpertCollection, ExpertTrajectory, indexed_files
-from benchmark.io import write_json, write_tensors
+from benchmark.experts.store import (TOWERS, ExpertCollection, ExpertTrajectory, content_problem, indexed_files,
+                                     open_checked, read_checked, recorded_sha256, write_checked)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mmdd-shortcut"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hashes (see module docstring)
+COMMAND = "mmdd shortcut"
 
 
 def shortcut_path(directory: str | Path, index: int) -> Path:
@@ -105,25 +106,21 @@ class ShortcutTrajectory:
     path: Path | None = None
     expert: ExpertTrajectory | None = None
     bytes_read: int = 0
+    digests: dict[str, str] = field(default_factory=dict, repr=False)
     _weights: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------------- construction
     @classmethod
     def open(cls, path: str | Path) -> "ShortcutTrajectory":
+        """Open ``path`` after checking its header against its sidecar; β is read (hash-checked) now, the endpoints
+        when first requested."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"shortcut file {path} is missing: run `mmdd shortcut` first")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["mmdd"])
-                beta = {t: f.get_tensor(f"{t}.beta") for t in TOWERS}
-        except Exception as exc:
-            raise ValueError(f"shortcut file {path} is corrupt or not an mmdd shortcut ({exc}); delete it and rerun "
-                             "`mmdd shortcut`") from exc
+        meta, digests = open_checked(path, "shortcut", COMMAND)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an mmdd shortcut file")
+            raise ValueError(f"{path} is not an mmdd shortcut file: delete it and rerun `{COMMAND}`")
+        beta = {t: read_checked(path, f"{t}.beta", digests, "cpu", "shortcut", COMMAND) for t in TOWERS}
         return cls(int(meta["index"]), int(meta["start"]), int(meta["end"]), beta,
-                   {t: [int(n) for n in meta["layer_numels"][t]] for t in TOWERS}, meta, path=path)
+                   {t: [int(n) for n in meta["layer_numels"][t]] for t in TOWERS}, meta, path=path, digests=digests)
 
     @classmethod
     def from_expert(cls, expert: ExpertTrajectory, start: int, end: int,
@@ -143,8 +140,7 @@ class ShortcutTrajectory:
     def endpoint(self, tower: str, which: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """θ(start) (``which='start'``) or θ(end) (``'end'``), exactly as in the expert."""
         if self.path is not None:
-            with safe_open(str(self.path), framework="pt", device=str(device)) as f:
-                t = f.get_tensor(f"{tower}.{which}")
+            t = read_checked(self.path, f"{tower}.{which}", self.digests, device, "shortcut", COMMAND)
             self.bytes_read += t.numel() * t.element_size()
             return t
         assert self.expert is not None
@@ -210,13 +206,13 @@ def _check_segment(expert: ExpertTrajectory, start: int, end: int) -> None:
 def _meta(expert: ExpertTrajectory, start: int, end: int, numels: dict[str, list[int]]) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "index": expert.index, "start": start, "end": end,
             "source": expert.path.name, "source_config_hash": expert.meta.get("config_hash"),
-            "source_bytes": expert.path.stat().st_size if expert.path.exists() else None,
+            "source_sha256": recorded_sha256(expert.path),
             "layer_numels": numels, "param_names": expert.meta.get("param_names")}
 
 
 def build_shortcut(expert: ExpertTrajectory, out_path: str | Path, start: int, end: int,
                    layer_numels: dict[str, list[int]] | None = None) -> Path:
-    """Write one expert's shortcut file atomically (tensors + header metadata, then the JSON sidecar)."""
+    """Write one expert's shortcut file atomically (tensors + header metadata, then the JSON sidecar with hashes)."""
     traj = ShortcutTrajectory.from_expert(expert, start, end, layer_numels)
     tensors: dict[str, torch.Tensor] = {}
     for t in TOWERS:
@@ -224,8 +220,7 @@ def build_shortcut(expert: ExpertTrajectory, out_path: str | Path, start: int, e
         tensors[f"{t}.end"] = expert.read(t, end)
         tensors[f"{t}.beta"] = traj.beta[t]
     out_path = Path(out_path)
-    write_tensors(out_path, tensors, metadata={"mmdd": json.dumps(traj.meta, sort_keys=True)})
-    write_json(out_path.with_suffix(".json"), traj.meta)
+    write_checked(out_path, tensors, traj.meta)
     return out_path
 
 
@@ -233,8 +228,9 @@ def build_shortcuts(experts_dir: str | Path, out_dir: str | Path | None, start: 
                     layer_numels: dict[str, list[int]] | None = None, force: bool = False) -> list[Path]:
     """Build the shortcut file of every expert in ``experts_dir`` for epochs ``start..end`` (inclusive).
 
-    ``out_dir`` None means :func:`default_shortcut_dir`. Idempotent: a file whose metadata already matches (segment,
-    source file and config hash) is kept unless ``force``. Returns the paths, in expert order."""
+    ``out_dir`` None means :func:`default_shortcut_dir`. Idempotent: a file that is intact (content hash) and whose
+    metadata matches (segment, source file, its content hash and config hash) is kept unless ``force``; a corrupt or
+    half-written one is rebuilt. Returns the paths, in expert order."""
     experts = ExpertCollection(experts_dir)
     out = Path(out_dir) if out_dir is not None else default_shortcut_dir(experts_dir, start, end)
     paths = []
@@ -245,19 +241,26 @@ def build_shortcuts(experts_dir: str | Path, out_dir: str | Path | None, start: 
     for expert in tqdm(list(experts), desc=f"shortcut {start}..{end}", unit="expert", disable=None):
         _check_segment(expert, start, end)
         path = shortcut_path(out, expert.index)
-        if path.exists() and not force:
-            try:
-                old = ShortcutTrajectory.open(path)
-                if (old.start, old.end) == (start, end) and old.meta.get("source") == expert.path.name \
-                        and old.meta.get("source_config_hash") == expert.meta.get("config_hash") \
-                        and old.meta.get("source_bytes") == expert.path.stat().st_size:
-                    paths.append(path)
-                    continue
-            except (ValueError, KeyError):
-                pass
+        if not force and _up_to_date(path, expert, start, end):
+            paths.append(path)
+            continue
         paths.append(build_shortcut(expert, path, start, end, layer_numels))
     log.info("wrote %d shortcut trajectories (epochs %d..%d) to %s", len(paths), start, end, out)
     return paths
+
+
+def _up_to_date(path: Path, expert: ExpertTrajectory, start: int, end: int) -> bool:
+    """Whether shortcut file ``path`` is intact and was built from exactly ``expert`` for ``start..end``."""
+    if not path.exists():
+        return False
+    problem = content_problem(path)
+    if problem is not None:
+        log.warning("shortcut file %s %s; rebuilding it", path, problem)
+        return False
+    old = ShortcutTrajectory.open(path)
+    return (old.start, old.end) == (start, end) and old.meta.get("source") == expert.path.name \
+        and old.meta.get("source_config_hash") == expert.meta.get("config_hash") \
+        and old.meta.get("source_sha256") == recorded_sha256(expert.path)
 
 
 def shortcut_bytes_report(experts_dir: str | Path, shortcut_dir: str | Path) -> dict[str, Any]:
