@@ -1,5 +1,4 @@
 import json
-import shutil
 import struct
 
 import pytest
@@ -220,4 +219,3 @@ def test_files_without_content_hashes_are_not_trusted(tmp_path):
     assert "older version" in content_problem(path)
     with pytest.raises(ValueError, match="older version.*mmdd experts"):
         ExpertTrajectory.open(path)
-    shutil.rmtree(tmp_path)

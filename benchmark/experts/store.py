@@ -174,9 +174,10 @@ def open_checked(path: str | Path, what: str, command: str) -> tuple[dict[str, A
     return meta, digests
 
 
-def _identity(path: Path) -> tuple[Any, ...]:
+def _identity(path: Path) -> tuple[int, ...]:
+    """This version of the file: a rewrite (new inode via rename) or an in-place change (times) is a new version."""
     st = os.stat(path)
-    return str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def read_checked(path: Path, key: str, digests: dict[str, str], device: str | torch.device, what: str,
