@@ -720,3 +720,13 @@ def test_link_already_in_the_image_folder_is_refused(http_server: FixtureServer,
     (ds / "flickr30k-images" / "301.jpg").symlink_to("/etc/passwd")
     with pytest.raises(FetchError, match=r"1 annotated images .* are symbolic links .*301\.jpg"):
         check_dataset(ds, src, None)
+
+
+@pytest.mark.parametrize("image", ["../../../../../../../../etc/passwd", "/etc/passwd"])
+def test_annotated_image_path_leaving_the_dataset_is_refused(tmp_path: Path, image: str) -> None:
+    ds = tmp_path / "flickr30k"
+    (ds / "annotations").mkdir(parents=True)
+    for f in S.SOURCES["flickr30k"].annotations.values():
+        (ds / "annotations" / f.filename).write_text(json.dumps([{"image": image, "caption": ["x"]}]))
+    with pytest.raises(FetchError, match=rf"leave the dataset directory \(first: '{re.escape(image)}'\)"):
+        check_dataset(ds, S.SOURCES["flickr30k"], None)

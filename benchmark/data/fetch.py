@@ -4,11 +4,13 @@ Layout produced for ``<ds>`` in ``<data_root>/<ds>/``::
 
     annotations/<Karpathy JSON files>    # BLIP release
     <image dirs>/...                      # flickr30k-images/, or train2014/ + val2014/
-    fetch.lock.json                       # sha256 + bytes of every file without a pinned hash, from its first download
+    fetch.lock.json                       # sha256 + bytes of every file without a pinned hash, recorded after its
+                                          # first complete, consistent download (trust on first use)
     .complete.json                        # written last, once every annotated image exists and split sizes match
 
 Every file is written beside its target and renamed into place, so an interrupted run leaves either nothing or a
-``*.part`` download that the next run resumes.
+``*.part`` download, with ``*.part.json`` (the size and validators the server announced), that the next run resumes.
+The threat model is in docs/security-fetch.md.
 """
 
 from __future__ import annotations
@@ -302,10 +304,11 @@ def _attempt(url: str, part: Path, dest: Path, tally: _Tally, *, trust_part: boo
         _discard(part)
         offset = 0
     headers = {"User-Agent": f"mmdd-bench/{__version__}"}
+    validator = known.if_range() if known is not None else None
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if known is not None and known.if_range():
-            headers["If-Range"] = known.if_range()  # type: ignore[assignment]
+        if validator:
+            headers["If-Range"] = validator
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             remote, start = _describe(resp, offset)
@@ -561,9 +564,9 @@ def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, target: str
     """Extract a .zip or .tar(.gz/.bz2/.xz) archive into ``dest_dir`` safely and (per directory) atomically.
 
     The archive is unpacked into a temporary directory inside ``dest_dir`` (members escaping it, links and special
-    files are refused with :class:`FetchError` naming the member), then moved into place: with ``target``, the directory that becomes ``dest_dir/target``
-    (``<tmp>/target`` if it exists, else the directory holding the most images, e.g. Kaggle's nested layout); without,
-    every top-level entry is merged into ``dest_dir``. The result is checked again for links (an earlier run or
+    files are refused with :class:`FetchError` naming the member), then moved into place: with ``target``, the
+    directory that becomes ``dest_dir/target`` (``<tmp>/target`` if it exists, else the directory holding the most
+    images, e.g. Kaggle's nested layout); without, every top-level entry is merged into ``dest_dir``. The result is checked again for links (an earlier run or
     version may have left one). Nothing of the archive is left behind on failure. Returns the result path.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
@@ -724,6 +727,11 @@ def check_dataset(ds_dir: str | os.PathLike, source: DatasetSource,
         imgs, n_caps = _scan(ds_dir / "annotations" / f.filename)
         sizes[split] = {"images": len(imgs), "captions": n_caps}
         images.update(dict.fromkeys(imgs))
+    escaping = [p for p in images if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts]
+    if escaping:
+        raise FetchError(f"{len(escaping)} image paths in the annotations of {ds_dir} leave the dataset directory "
+                         f"(first: {escaping[0]!r}); the annotation files are corrupt or malicious. Delete "
+                         f"{ds_dir / 'annotations'} and rerun `mmdd fetch`.")
     missing = _missing(ds_dir, list(images))
     if missing:
         shown = "\n  ".join(str(ds_dir / p) for p in missing[:10])
