@@ -8,7 +8,10 @@ import hashlib
 import io
 import json
 import logging
+import re
+import stat
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from PIL import Image
 
 from benchmark.data import fetch as F
 from benchmark.data import sources as S
-from benchmark.data.fetch import ChecksumError, FetchError, download, extract, fetch_dataset
+from benchmark.data.fetch import ChecksumError, FetchError, check_dataset, download, extract, fetch_dataset
 from http_fixture import FixtureServer, dead_url, http_server  # noqa: F401  (pytest fixture)
 
 FAST = {"retries": 3, "backoff": 0.01, "timeout": 10.0, "progress": False}
@@ -132,8 +135,12 @@ def test_checksum_mismatch_deletes_and_explains(http_server: FixtureServer, tmp_
 
 def test_size_mismatch(http_server: FixtureServer, tmp_path: Path) -> None:
     url = http_server.add("/a.bin", blob(5_000))
-    with pytest.raises(ChecksumError, match="expected 4999 bytes, got 5000"):
+    with pytest.raises(ChecksumError, match="announces 5000 bytes, expected 4999"):
         download(url, tmp_path / "a.bin", expected_bytes=4_999, **FAST)
+    assert list(tmp_path.iterdir()) == []
+    close_delimited = http_server.add("/c.bin", blob(5_000), close_delimited=True)  # size known only at the end
+    with pytest.raises(ChecksumError, match="expected 4999 bytes, got 5000"):
+        download(close_delimited, tmp_path / "c.bin", expected_bytes=4_999, **FAST)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -238,16 +245,17 @@ def test_tar_traversal_and_escaping_symlink_rejected(tmp_path: Path) -> None:
                                           ({"ok.txt": b"x"}, {"imgs/link": "/etc/passwd"})]):
         arc = tmp_path / f"bad{i}.tar.gz"
         arc.write_bytes(make_tar(members, links))
-        with pytest.raises(FetchError, match="path traversal|absolute"):
+        with pytest.raises(FetchError, match="path traversal|symbolic link"):
             extract(arc, tmp_path / "ds")
     assert list((tmp_path / "ds").iterdir()) == []
 
 
-def test_tar_internal_symlink_allowed(tmp_path: Path) -> None:
-    arc = tmp_path / "ok.tar.gz"
+def test_tar_internal_symlink_refused(tmp_path: Path) -> None:
+    arc = tmp_path / "links.tar.gz"
     arc.write_bytes(make_tar({"d/a.jpg": b"a"}, {"d/sub/link.jpg": "../a.jpg"}))
-    extract(arc, tmp_path / "ds")
-    assert (tmp_path / "ds" / "d" / "sub" / "link.jpg").read_bytes() == b"a"
+    with pytest.raises(FetchError, match=r"member 'd/sub/link\.jpg' is a symbolic link to '\.\./a\.jpg'"):
+        extract(arc, tmp_path / "ds")
+    assert list((tmp_path / "ds").iterdir()) == []
 
 
 def test_extract_merges_and_selects_nested_image_dir(tmp_path: Path) -> None:
@@ -419,10 +427,13 @@ def test_flickr_images_need_a_source(http_server: FixtureServer, tmp_path: Path)
 
 def test_pinned_hash_rejects_wrong_annotation(http_server: FixtureServer, tmp_path: Path) -> None:
     http_server.add("/ann/flickr30k_train.json", b"[]")
-    http_server.add("/ann/flickr30k_val.json", b"[]")
+    http_server.add("/ann/flickr30k_val.json", b"[" + b" " * 404_169 + b"]")  # the pinned size, other bytes
     with pytest.raises(ChecksumError, match="eed9daa3c88f980fda8a1481b9ebec811e7f8d9d862a79e259e97c2b2a0481c2"):
         fetch_dataset("flickr30k", tmp_path, base_url=http_server.url("/ann"), progress=False, retries=0)
     assert not (tmp_path / "flickr30k" / "annotations" / "flickr30k_val.json").exists()
+    http_server.add("/ann/flickr30k_val.json", b"[]")
+    with pytest.raises(ChecksumError, match="announces 2 bytes, expected 404171"):
+        fetch_dataset("flickr30k", tmp_path, base_url=http_server.url("/ann"), progress=False, retries=0)
 
 
 def test_shapes_is_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -467,3 +478,255 @@ def test_coco_fetches_only_archives_with_missing_images(http_server: FixtureServ
                        image_archives={"train2014.zip": train_zip, "val2014.zip": val_zip})
     assert (ds / tr).is_file() and (ds / ".complete.json").is_file()
     assert http_server.count("/zips/train2014.zip") == 1 and http_server.count("/zips/val2014.zip") == 0
+
+
+# ------------------------------------------------------------------------------------- misbehaving servers --
+
+def test_range_ignoring_server_cutting_at_the_same_byte_gives_up(http_server: FixtureServer, tmp_path: Path) -> None:
+    data = blob(96_000, seed=7)
+    url = http_server.add("/a.bin", data, ignore_range=True, drop_after=40_000, drop_times=10**9)
+    with pytest.raises(FetchError) as exc:
+        download(url, tmp_path / "a.bin", retries=3, backoff=0.001, progress=False)
+    msg = str(exc.value)
+    # attempt 1 reaches byte 40000 (progress); attempts 2-5 restart from 0 and get no further: 4 fruitless in a row
+    assert http_server.count() == 5
+    assert url in msg and "after 5 attempts" in msg and "ignores HTTP Range" in msg and "byte 40000" in msg
+    assert "Fix:" in msg and "max_attempts" in msg and f"put it at {tmp_path / 'a.bin'}" in msg
+    assert [r.status for r in http_server.requests] == [200] * 5
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_wall_time_bounds_retries(http_server: FixtureServer, tmp_path: Path) -> None:
+    url = http_server.add("/a.bin", b"x", fail_500=10**9)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match=r"wall-time limit of max_time=0\.3 s") as exc:
+        download(url, tmp_path / "a.bin", retries=10**6, backoff=0.02, max_time=0.3, progress=False)
+    assert time.monotonic() - t0 < 2.0 and url in str(exc.value)
+    assert 2 <= http_server.count() < 20  # back-off 0.02, 0.04, 0.08, ...: a handful of attempts fit in 0.3 s
+
+
+def test_attempt_limit_bounds_retries_that_make_progress(http_server: FixtureServer, tmp_path: Path) -> None:
+    data = blob(100_000, seed=8)
+    url = http_server.add("/a.bin", data, drop_after=1_000, drop_times=10**9)  # 1,000 new bytes per attempt
+    with pytest.raises(FetchError, match=r"after 5 attempts \(the limit of max_attempts=5") as exc:
+        download(url, tmp_path / "a.bin", retries=1, backoff=0.001, max_attempts=5, progress=False)
+    assert http_server.count() == 5 and "rerunning resumes it" in str(exc.value)
+    assert (tmp_path / "a.bin.part").stat().st_size == 5_000
+
+
+@pytest.mark.parametrize("bad", [{"retries": -1}, {"max_attempts": -2}, {"max_time": -1.0}])
+def test_retry_policy_validated(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        F.RetryPolicy(**bad)
+
+
+def test_truncated_close_delimited_body_is_completed_by_a_range_probe(http_server: FixtureServer,
+                                                                      tmp_path: Path) -> None:
+    data = blob(96_000, seed=9)
+    url = http_server.add("/a.bin", data, close_delimited=True, drop_after=30_000)  # looks complete at 30,000
+    download(url, tmp_path / "a.bin", progress=False, backoff=0.001)
+    assert (tmp_path / "a.bin").read_bytes() == data
+    assert [(r.range, r.status) for r in http_server.requests] == [(None, 200), ("bytes=30000-", 206)]
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_close_delimited_body_confirmed_by_416(http_server: FixtureServer, tmp_path: Path) -> None:
+    data = blob(20_000, seed=10)
+    url = http_server.add("/a.bin", data, close_delimited=True)
+    download(url, tmp_path / "a.bin", progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == data
+    assert [(r.range, r.status) for r in http_server.requests] == [(None, 200), ("bytes=20000-", 416)]
+
+
+def test_unconfirmable_close_delimited_body_is_refused(http_server: FixtureServer, tmp_path: Path) -> None:
+    data = blob(96_000, seed=11)
+    url = http_server.add("/a.bin", data, close_delimited=True, ignore_range=True, drop_after=30_000)
+    with pytest.raises(FetchError, match="cannot confirm that the download .* is complete") as exc:
+        download(url, tmp_path / "a.bin", progress=False, backoff=0.001)
+    assert url in str(exc.value) and "local path" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+    # with a pinned hash the same server is fine: the hash vouches for the file
+    download(url, tmp_path / "a.bin", sha256=sha(data), progress=False, backoff=0.001)
+    assert (tmp_path / "a.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("server", [
+    pytest.param({"validators": True}, id="etag-changes"),
+    pytest.param({"validators": True, "honor_if_range": True}, id="if-range-honoured"),
+    pytest.param({"size_changes": True}, id="total-size-changes"),
+])
+def test_resume_onto_a_changed_remote_file_restarts(http_server: FixtureServer, tmp_path: Path,
+                                                    server: dict) -> None:
+    old = blob(96_000, seed=12)
+    new = blob(96_000 + (500 if server.pop("size_changes", False) else 0), seed=13)
+    url = http_server.add("/a.bin", old, drop_after=30_000, changed_data=new, **server)
+    download(url, tmp_path / "a.bin", progress=False, backoff=0.001)
+    assert (tmp_path / "a.bin").read_bytes() == new  # not old[:30000] + new[30000:]
+    reqs = http_server.requests
+    assert reqs[0].range is None and reqs[1].range == "bytes=30000-"
+    if server.get("validators"):
+        assert reqs[1].if_range == f'"{sha(old)[:16]}"'  # the resume names the version its bytes came from
+    if server.get("honor_if_range"):
+        assert [r.status for r in reqs] == [200, 200]  # the server restarted the file itself
+    else:
+        assert [(r.range, r.status) for r in reqs] == [(None, 200), ("bytes=30000-", 206), (None, 200)]
+    assert leftovers(tmp_path) == []
+
+
+def test_part_from_an_unknown_version_is_not_resumed_without_a_pinned_hash(http_server: FixtureServer,
+                                                                          tmp_path: Path) -> None:
+    data = blob(50_000, seed=14)
+    url = http_server.add("/a.bin", data)
+    (tmp_path / "a.bin.part").write_bytes(b"\0" * 20_000)  # no record of which remote file it came from
+    download(url, tmp_path / "a.bin", progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == data and [r.range for r in http_server.requests] == [None]
+
+
+def test_part_recorded_for_another_version_restarts_across_runs(http_server: FixtureServer, tmp_path: Path) -> None:
+    old, new = blob(60_000, seed=15), blob(60_000, seed=16)
+    url = http_server.add("/a.bin", old, validators=True, drop_after=25_000, drop_times=1)
+    with pytest.raises(FetchError):  # run 1 gives up at once, leaving a .part of the old file and its record
+        download(url, tmp_path / "a.bin", max_attempts=1, progress=False)
+    assert (tmp_path / "a.bin.part").stat().st_size == 25_000 and (tmp_path / "a.bin.part.json").is_file()
+    http_server.add("/a.bin", new, validators=True)  # run 2: the remote file changed meanwhile
+    http_server.reset_counts()
+    download(url, tmp_path / "a.bin", progress=False, backoff=0.001)
+    assert (tmp_path / "a.bin").read_bytes() == new
+    assert [(r.range, r.status) for r in http_server.requests] == [("bytes=25000-", 206), (None, 200)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+@pytest.mark.usefixtures("unpinned_flickr")
+def test_lock_pins_only_complete_consistent_transfers(http_server: FixtureServer, tmp_path: Path) -> None:
+    fx = Fixture(http_server)
+    good = json.dumps(fx.ann["flickr30k_test.json"], indent=1).encode().ljust(96_000)  # 96,000 bytes of JSON
+    http_server.add("/ann/flickr30k_test.json", good, close_delimited=True, ignore_range=True, drop_after=30_000)
+    with pytest.raises(FetchError, match="cannot confirm"):
+        fetch(fx, tmp_path)
+    ds = tmp_path / "flickr30k"
+    lock = json.loads((ds / "fetch.lock.json").read_text())["files"]
+    assert "annotations/flickr30k_test.json" not in lock and not (ds / "annotations" / "flickr30k_test.json").exists()
+
+    http_server.add("/ann/flickr30k_test.json", good)  # the server behaves again: the right file is accepted
+    fetch(fx, tmp_path)
+    lock = json.loads((ds / "fetch.lock.json").read_text())["files"]
+    assert lock["annotations/flickr30k_test.json"]["sha256"] == sha(good)
+    assert lock["annotations/flickr30k_test.json"]["bytes"] == 96_000
+
+
+@pytest.mark.usefixtures("unpinned_flickr")
+def test_lock_checks_size_before_hash_and_names_a_bad_lock_file(http_server: FixtureServer, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    fx = Fixture(http_server)
+    ds = fetch(fx, tmp_path)
+    ann = ds / "annotations" / "flickr30k_val.json"
+    n = ann.stat().st_size
+    ann.write_bytes(ann.read_bytes() + b" ")
+    (ds / ".complete.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        fetch(fx, tmp_path)
+    assert f"does not verify (expected {n} bytes, got {n + 1})" in caplog.text  # the size alone decided it
+    lock = ds / "fetch.lock.json"
+    for text, pattern in [("{not json", "unreadable"), ('{"files": {"a": {"sha256": "xy", "bytes": 1}}}', "'a'")]:
+        lock.write_text(text)
+        (ds / ".complete.json").unlink(missing_ok=True)
+        with pytest.raises(ValueError, match=pattern) as exc:
+            fetch(fx, tmp_path)
+        assert str(lock) in str(exc.value) and "mmdd fetch" in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------ links in archives --
+
+def tar_with(entries: list[tuple[str, bytes, str]]) -> bytes:
+    """A tar.gz of (name, type, data-or-linkname) entries; type is a tarfile type constant."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+            else:
+                info.linkname = payload.decode()
+                tf.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.usefixtures("unpinned_flickr")
+def test_symlink_that_escapes_once_its_folder_is_moved_is_refused(http_server: FixtureServer,
+                                                                  tmp_path: Path) -> None:
+    fx = Fixture(http_server, layout="tar")
+    nest = "pack/" * 40 + "flickr30k-images/"
+    escape = "../" * 41 + "etc/passwd"  # inside the extraction directory where unpacked, /etc/passwd once moved
+    entries = [(nest + n, tarfile.REGTYPE, d) for n, d in fx.images.items() if n != "301.jpg"]
+    entries.append((nest + "301.jpg", tarfile.SYMTYPE, escape.encode()))
+    url = http_server.add("/img/evil.tar.gz", tar_with(entries))
+    with pytest.raises(FetchError, match=r"member '(pack/){40}flickr30k-images/301\.jpg' is a symbolic link"):
+        fetch(fx, tmp_path, image_archives={"flickr30k-images": url})
+    ds = tmp_path / "flickr30k"
+    assert not (ds / "flickr30k-images").exists() and not (ds / ".complete.json").exists()
+    assert not [p for p in ds.rglob("*") if p.is_symlink()]
+
+
+@pytest.mark.parametrize("kind, payload, what", [
+    (tarfile.LNKTYPE, b"imgs/a.jpg", "a hard link to 'imgs/a.jpg'"),
+    (tarfile.CHRTYPE, b"", "a device file"),
+    (tarfile.FIFOTYPE, b"", "a device file, FIFO"),
+])
+def test_tar_hard_links_and_special_files_refused(tmp_path: Path, kind: bytes, payload: bytes, what: str) -> None:
+    arc = tmp_path / "x.tar.gz"
+    arc.write_bytes(tar_with([("imgs/a.jpg", tarfile.REGTYPE, b"a"), ("imgs/b.jpg", kind, payload)]))
+    with pytest.raises(FetchError, match=rf"member 'imgs/b\.jpg' is {re.escape(what)}"):
+        extract(arc, tmp_path / "ds", target="imgs")
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_zip_symlink_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("imgs/a.jpg", b"a")
+        link = zipfile.ZipInfo("imgs/b.jpg")
+        link.create_system = 3
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "../../../../etc/passwd")
+    arc = tmp_path / "x.zip"
+    arc.write_bytes(buf.getvalue())
+    with pytest.raises(FetchError, match=r"member 'imgs/b\.jpg' is a symbolic link"):
+        extract(arc, tmp_path / "ds", target="imgs")
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_link_already_in_the_image_folder_is_refused(http_server: FixtureServer, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    arc = tmp_path / "x.zip"
+    arc.write_bytes(make_zip({"imgs/a.jpg": b"a"}))
+    (tmp_path / "ds" / "imgs").mkdir(parents=True)
+    (tmp_path / "ds" / "imgs" / "old.jpg").symlink_to("/etc/passwd")  # left by an older version or run
+    with pytest.raises(FetchError, match=rf"{re.escape(str(tmp_path / 'ds' / 'imgs' / 'old.jpg'))} is a symbolic"):
+        extract(arc, tmp_path / "ds", target="imgs")
+    # a complete-looking dataset whose annotated image is a link fails the final check as well
+    src = S.SOURCES["flickr30k"]
+    fx = Fixture(http_server)
+    ds = tmp_path / "root" / "flickr30k"
+    (ds / "annotations").mkdir(parents=True)
+    for name, entries in fx.ann.items():
+        (ds / "annotations" / name).write_text(json.dumps(entries))
+    (ds / "flickr30k-images").mkdir()
+    for name, data in fx.images.items():
+        (ds / "flickr30k-images" / name).write_bytes(data)
+    check_dataset(ds, src, None)
+    (ds / "flickr30k-images" / "301.jpg").unlink()
+    (ds / "flickr30k-images" / "301.jpg").symlink_to("/etc/passwd")
+    with pytest.raises(FetchError, match=r"1 annotated images .* are symbolic links .*301\.jpg"):
+        check_dataset(ds, src, None)
+
+
+@pytest.mark.parametrize("image", ["../../../../../../../../etc/passwd", "/etc/passwd"])
+def test_annotated_image_path_leaving_the_dataset_is_refused(tmp_path: Path, image: str) -> None:
+    ds = tmp_path / "flickr30k"
+    (ds / "annotations").mkdir(parents=True)
+    for f in S.SOURCES["flickr30k"].annotations.values():
+        (ds / "annotations" / f.filename).write_text(json.dumps([{"image": image, "caption": ["x"]}]))
+    with pytest.raises(FetchError, match=rf"leave the dataset directory \(first: '{re.escape(image)}'\)"):
+        check_dataset(ds, S.SOURCES["flickr30k"], None)

@@ -79,7 +79,7 @@ def test_malformed_entries(tmp_path: Path, split, entries, pattern) -> None:
     path = _write(tmp_path, "flickr30k", split, entries)
     with pytest.raises(ValueError, match=pattern) as err:
         load_split(tmp_path, "flickr30k", split)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and f"delete {path} and rerun `mmdd fetch flickr30k`" in str(err.value)
 
 
 def test_invalid_json_and_split(tmp_path: Path) -> None:
@@ -90,3 +90,15 @@ def test_invalid_json_and_split(tmp_path: Path) -> None:
         load_split(tmp_path, "coco", "test")
     with pytest.raises(ValueError, match="train, val, test"):
         load_split(tmp_path, "coco", "dev")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "binary", "cut-in-utf8"])
+def test_damaged_annotation_file_names_the_file_and_the_fix(tmp_path: Path, damage: str) -> None:
+    path = _write(tmp_path, "coco", "train", TRAIN)
+    good = json.dumps([{**TRAIN[0], "caption": "Un café crème"}], ensure_ascii=False).encode()
+    path.write_bytes({"truncated": path.read_bytes()[:100], "empty": b"",
+                      "binary": b"\x89PNG\r\n\x1a\n\xff\xfe" * 20,
+                      "cut-in-utf8": good[:good.index("é".encode()) + 1]}[damage])
+    with pytest.raises(ValueError, match="not valid JSON") as err:
+        load_split(tmp_path, "coco", "train")
+    assert str(path) in str(err.value) and f"delete {path} and rerun `mmdd fetch coco`" in str(err.value)

@@ -53,6 +53,10 @@ def _bad(path: Path, index: int, key: str, expected: str) -> ValueError:
     return ValueError(f"{path}: entry {index} has a malformed {key!r} (expected {expected})")
 
 
+def _fix(path: Path, dataset: str) -> str:
+    return f"delete {path} and rerun `mmdd fetch {dataset}`"
+
+
 def _read_entries(path: Path, dataset: str) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -60,10 +64,11 @@ def _read_entries(path: Path, dataset: str) -> list[Any]:
         )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); delete it and run `mmdd fetch {dataset}` again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON in UTF-8, e.g. truncated ({err}); {_fix(path, dataset)}") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}; "
+                         f"{_fix(path, dataset)}")
     return entries
 
 
@@ -115,13 +120,17 @@ def load_split(data_root: str | os.PathLike, dataset: str, split: str, max_words
     """Load ``<data_root>/<dataset>/annotations/<file of split>`` into a :class:`CaptionSplit`.
 
     Captions pass through :func:`pre_caption` with ``max_words``. Raises ``FileNotFoundError`` when the
-    file is missing and ``ValueError`` on an unknown dataset/split or a malformed entry.
+    file is missing and ``ValueError`` on an unknown dataset/split, or, naming the file and the fix, on a truncated,
+    non-JSON or malformed file.
     """
     check_split(split)
     path = annotation_path(data_root, dataset, split)
     entries = _read_entries(path, dataset)
     parse = _parse_train if split == "train" else _parse_eval
-    image_paths, captions, txt2img = parse(entries, path, max_words)
+    try:
+        image_paths, captions, txt2img = parse(entries, path, max_words)
+    except ValueError as err:  # the messages name the file and the entry
+        raise ValueError(f"{err}; the file is damaged or not in Karpathy format: {_fix(path, dataset)}") from None
     img2txt: list[list[int]] = [[] for _ in image_paths]
     for t, i in enumerate(txt2img):
         img2txt[i].append(t)

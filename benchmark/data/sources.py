@@ -1,8 +1,8 @@
 """Where the real datasets come from: annotation files, image archives, pinned checksums and expected sizes.
 
 Pure data; :mod:`benchmark.data.fetch` does the work. Checksums are pinned only where they were verified
-(REFERENCE_METHODS §1.8); files without a pinned hash are recorded in ``<data_root>/<ds>/fetch.lock.json`` on first
-download and checked against it afterwards.
+(REFERENCE_METHODS §1.8); files without a pinned hash are recorded in ``<data_root>/<ds>/fetch.lock.json`` after their
+first complete, consistent download and checked against it (size, then sha256) afterwards.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from benchmark.data.karpathy import CaptionSplit
@@ -144,20 +144,47 @@ def _captions_hash(captions: list[str]) -> str:
     return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
 
 
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(f"caption features {path} are damaged or incomplete ({problem}); delete {path} and rerun "
+                      "`mmdd embed` to recompute them")
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"caption features {path} not found; run `mmdd embed` for this dataset first")
+
+
 def read_feature_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a feature file (encoder, dim, captions_sha256, ...) without reading the tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The metadata of a feature file (encoder, dim, captions_sha256, ...) without reading the tensors.
+
+    Raises ``FileNotFoundError`` if it is missing and ``ValueError`` naming it and the fix if it is unreadable.
+    """
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, f"{type(err).__name__}: {err}") from None
 
 
 _read_metadata = read_feature_metadata  # older private name, still imported elsewhere
+
+
+def _feature_metadata(encoder: str, split: CaptionSplit, dim: int, digest: str) -> dict[str, str]:
+    """What a feature file records about itself: only inputs of the computation (no time, host or path), so
+    re-embedding the same captions gives the same bytes; keys sorted."""
+    meta = {"encoder": encoder, "dim": str(dim), "captions_sha256": digest, "n_captions": str(split.n_captions),
+            "n_images": str(split.n_images)}
+    return dict(sorted(meta.items()))
 
 
 def embed_split(split: CaptionSplit, out_path: Path, encoder: str = "minilm", device: str = "cpu",
                 batch_size: int = 256, progress: bool = True) -> Path:
     """Encode the captions of ``split`` to ``out_path`` (safetensors: ``features``, ``txt2img``; atomic).
 
-    Does nothing when ``out_path`` already holds features of the same captions by the same encoder.
+    Does nothing when ``out_path`` already holds features of the same captions by the same encoder; a damaged
+    file is recomputed.
     """
     out_path = Path(out_path)
     digest = _captions_hash(split.captions)
@@ -167,21 +194,48 @@ def embed_split(split: CaptionSplit, out_path: Path, encoder: str = "minilm", de
             if meta.get("encoder") == encoder and meta.get("captions_sha256") == digest:
                 log.info("caption features %s are up to date", out_path)
                 return out_path
-        except Exception as err:  # unreadable or truncated file: recompute it
-            log.warning("recomputing unreadable feature file %s (%s)", out_path, err)
+        except ValueError as err:
+            log.warning("recomputing: %s", err)
     feats = encode_texts(split.captions, encoder, device, batch_size, progress)
-    meta = {"encoder": encoder, "dim": str(feats.shape[1]), "captions_sha256": digest,
-            "n_captions": str(split.n_captions), "n_images": str(split.n_images)}
+    meta = _feature_metadata(encoder, split, feats.shape[1], digest)
     write_tensors(out_path, {"features": feats, "txt2img": split.txt2img.to(torch.int64)}, metadata=meta)
     log.info("wrote %s caption features %s to %s", encoder, tuple(feats.shape), out_path)
     return out_path
 
 
+def _check_features(path: Path, feats: torch.Tensor, txt2img: torch.Tensor, meta: dict[str, str]) -> None:
+    """``ValueError`` naming ``path`` if the tensors disagree with each other or with the metadata."""
+    if feats.ndim != 2 or not feats.is_floating_point():
+        raise _damaged(path, f"'features' is {feats.dtype} {tuple(feats.shape)}, expected a 2-D float matrix")
+    problems = []
+    if not torch.isfinite(feats).all():
+        problems.append("'features' holds NaN or infinite values")
+    if txt2img.ndim != 1 or txt2img.dtype != torch.int64 or txt2img.shape[0] != feats.shape[0]:
+        problems.append(f"'txt2img' is {txt2img.dtype} {tuple(txt2img.shape)}, expected int64 with one entry per "
+                        f"feature row ({feats.shape[0]})")
+    for key, actual in (("dim", feats.shape[1]), ("n_captions", feats.shape[0])):
+        if key in meta and meta[key] != str(actual):
+            problems.append(f"metadata {key}={meta[key]!r} but the tensors have {actual}")
+    if problems:
+        raise _damaged(path, "; ".join(problems))
+
+
 def load_features(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """Read a feature file written by :func:`embed_split`: ``(features, txt2img, metadata)``."""
+    """Read a feature file written by :func:`embed_split`: ``(features, txt2img, metadata)``.
+
+    Raises ``FileNotFoundError`` if it is missing and ``ValueError`` naming it and the fix (rerun ``mmdd embed``) if
+    it is truncated, corrupt or inconsistent.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption features {path} not found; run `mmdd embed` for this dataset first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        return f.get_tensor("features"), f.get_tensor("txt2img"), meta
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            missing = sorted({"features", "txt2img"} - set(f.keys()))
+            if missing:
+                raise _damaged(path, f"no tensor {', '.join(map(repr, missing))}")
+            feats, txt2img = f.get_tensor("features"), f.get_tensor("txt2img")
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, f"{type(err).__name__}: {err}") from None
+    _check_features(path, feats, txt2img, meta)
+    return feats, txt2img, meta
