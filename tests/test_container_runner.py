@@ -23,8 +23,9 @@ from benchmark.io import read_json
 from benchmark.paths import Layout
 from benchmark.pipeline import Bench
 from benchmark.runners import get_runner
-from benchmark.runners.docker import HOST_SITE, DockerRunner, config_document
-from tests.docker_env import cpu_test_image
+from benchmark.runners.docker import HOST_SITE, DockerRunner
+from benchmark.runners.spec import config_document
+from tests.docker_env import cell_spec, cpu_test_image
 
 CELL = Path("cells/tiny/shapes/random/b10/s0")
 PROBE = r"""
@@ -113,9 +114,9 @@ def test_sandbox_has_no_network_and_only_the_output_dir_is_writable(tiny_project
     source = str(Path(__import__("benchmark").__file__).resolve().parent)
     script = PROBE.replace("HOST_SITE", repr(HOST_SITE)).replace("SOURCE", repr(source))
     out = tmp_path / "out"
-    rc, lines = DockerRunner.from_env().probe(bench, "shapes", "random", script, out)
-    assert rc == 0, lines
-    res = json.loads(lines[-1])
+    run = DockerRunner.from_env().probe(cell_spec(bench, "random", tmp_path / "cell"), script, out)
+    assert run.rc == 0, run.tail
+    res = json.loads(run.tail[-1])
     assert res["interfaces"] == ["lo"]
     assert res["connect"] != "ok" and res["dns"] != "ok"
     assert (res["uid"], res["gid"]) == (os.getuid(), os.getgid())
@@ -151,7 +152,7 @@ def test_configuration_round_trips_into_the_container(tiny_project, tmp_path):
     root, _ = tiny_project
     cfg = load_config("tiny", ["eval.students=3", "methods.random.lr_img=0.25"])
     bench = Bench(cfg, Layout(root / "data", tmp_path), progress=False)
-    doc = config_document(bench)
+    doc = config_document(bench.cfg, bench.student.tower_config)
     assert doc["eval"]["students"] == 3 and doc["methods"]["random"]["lr_img"] == 0.25
     assert doc["student"]["tower_config"] == bench.student.tower_config
 
@@ -181,8 +182,8 @@ def test_entry_dockerfile_is_built_once_and_used(tiny_project, image, tmp_path, 
         assert first.ref.startswith("mmdd-entry-docker-entry:0.1.0-") and first.python_env == "host"
         root, _ = tiny_project
         bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
-        rc, lines = runner.probe(bench, "shapes", "docker-entry",
-                                 "print(open('/opt/mmdd/entry-marker').read().strip())", tmp_path / "out")
-        assert rc == 0 and lines[-1] == marker
+        run = runner.probe(cell_spec(bench, "docker-entry", tmp_path / "cell"),
+                           "print(open('/opt/mmdd/entry-marker').read().strip())", tmp_path / "out")
+        assert run.rc == 0 and run.tail[-1] == marker
     finally:
         real("rmi", "-f", first.ref, check=False)
