@@ -400,12 +400,18 @@ class DockerRunner:
             log.info("running %s (b=%d, s=%d) in container %s", spec.method, spec.budget, spec.seed, cspec.image.ref)
             res = self._run(cspec, _container_name(spec.method, spec.dataset, spec.budget, spec.seed), argv,
                             spec.method, work)
-        why = res.failure(spec.limits) or _over_cap(work, spec.limits)
+        over = _over_cap(work, spec.limits)
+        why = res.failure(spec.limits) or over
         if why:
-            _clear(work, RAW_OUTPUTS)
+            if over or res.stopped == "out-size":  # nothing in it is worth keeping, checkpoints included
+                shutil.rmtree(work, ignore_errors=True)
+                kept = f"{work} was deleted"
+            else:
+                _clear(work, RAW_OUTPUTS)
+                kept = f"its checkpoint (if any) stays in {work} for resume"
             detail = "\n  ".join(res.tail[-15:])
-            raise DockerError(f"method {spec.method!r} failed in container {cspec.image.ref} ({why}); its "
-                              f"checkpoint (if any) stays in {work} for resume. Last output:\n  {detail}")
+            raise DockerError(f"method {spec.method!r} failed in container {cspec.image.ref} ({why}); {kept}. "
+                              f"Last output:\n  {detail}")
         try:
             dset = collect_set(work, Path(spec.work_dir) / "distill_log.jsonl", spec.limits.out_max_bytes)
         except BaseException:

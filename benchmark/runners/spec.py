@@ -31,6 +31,7 @@ ENV_OVERRIDES = {
     "MMDD_DOCKER_SHM_SIZE": "shm_bytes",
     "MMDD_DOCKER_OUT_MAX": "out_max_bytes",
     "MMDD_DOCKER_OUT_FILES": "out_max_files",
+    "MMDD_DOCKER_POLL": "poll_s",
 }
 _SIZE_FIELDS = {"memory_bytes", "tmp_bytes", "shm_bytes", "out_max_bytes"}
 
