@@ -1,8 +1,11 @@
 """The container runner, end to end with a real Docker engine and the CPU test image (no mocks).
 
 A method runs in a container on the tiny preset; the harness validates and evaluates its output. The sandbox is
-checked from inside with the exact spec a method run gets: no network (only ``lo``), read-only data, source and
-root file system, one writable output directory, the caller's uid.
+checked from inside with the exact spec a method run gets: no network (only ``lo``), only train inputs, read-only
+data, source and root file system, one writable output directory, the caller's uid, resource limits. Hostile
+entries reproduce each attack on the harness (reading the test split, planting links in the output directory,
+flooding it, asking evaluation for 10**12 epochs, never ending) and must now fail, naming the rule. The last tests
+check the host-side pieces (input views, output acceptance, limits) without Docker.
 """
 
 from __future__ import annotations
@@ -383,7 +386,8 @@ def test_method_sees_only_train_inputs(tiny_project, hostile, tmp_path, layout):
     meta = json.loads((_cell(results, "hostile-peeker") / "distilled.json").read_text())["meta"]
     assert meta["found"] == [], "the method could read val/test files"
     train_images = sorted(e["image"] for e in json.loads((data / RAW / "annotations/shapes_train.json").read_text()))
-    expected = {f"/data/{RAW.as_posix()}/annotations/shapes_train.json", f"/data/{FEATURES.as_posix()}/train.safetensors"}
+    expected = {f"/data/{RAW.as_posix()}/annotations/shapes_train.json",
+                f"/data/{FEATURES.as_posix()}/train.safetensors"}
     expected |= {f"/data/{RAW.as_posix()}/{p}" for p in train_images}
     expected |= {f"/data/{p.relative_to(data).as_posix()}" for sub in ("experts", "shortcuts")
                  for p in (data / sub).rglob("*") if p.is_file()}
@@ -536,3 +540,92 @@ def test_killed_host_leaves_an_orphan_that_a_rerun_reaps_then_times_out(tiny_pro
     assert "removed 1 container(s) an earlier run" in caplog.text
     assert "rule 'timeout': killed after 5 s" in caplog.text and elapsed < 60
     assert orphans(cell_id) == []
+
+
+# ------------------------------------------------------------------------------------------ host side, no Docker
+def test_train_mounts_expose_only_train_files_through_a_view(tmp_path):
+    """Flickr30k keeps every split's images in one directory: the mount is a view of hard links to the train ones."""
+    from benchmark.runners.inputs import train_mounts
+
+    data = tmp_path / "data"
+    ds = data / "raw" / "flickr30k"
+    (ds / "annotations").mkdir(parents=True)
+    (ds / "flickr30k-images").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (ds / "flickr30k-images" / name).write_bytes(name.encode())
+    train = [{"image": f"flickr30k-images/{n}", "caption": "x", "image_id": n} for n in ("a.jpg", "b.jpg")]
+    (ds / "annotations" / "flickr30k_train.json").write_text(json.dumps(train))
+    for split, names in (("val", ["c.jpg"]), ("test", ["d.jpg"])):
+        (ds / "annotations" / f"flickr30k_{split}.json").write_text(
+            json.dumps([{"image": f"flickr30k-images/{n}", "caption": ["x"]} for n in names]))
+    feats = data / "features" / "flickr30k" / "minilm"
+    feats.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (feats / f"{split}.safetensors").write_bytes(b"f")
+    layout = Layout(data, tmp_path / "results")
+
+    mounts = dict((target, host) for host, target in train_mounts(layout, "flickr30k", "minilm", "tower"))
+
+    assert set(mounts) == {"/data/raw/flickr30k/annotations/flickr30k_train.json",
+                           "/data/features/flickr30k/minilm/train.safetensors", "/data/raw/flickr30k/flickr30k-images"}
+    view = mounts["/data/raw/flickr30k/flickr30k-images"]
+    assert view.is_relative_to(data / "views" / "flickr30k")
+    assert sorted(p.name for p in view.iterdir()) == [".complete", "a.jpg", "b.jpg"]
+    assert (view / "a.jpg").stat().st_ino == (ds / "flickr30k-images" / "a.jpg").stat().st_ino  # a hard link
+    again = dict((t, h) for h, t in train_mounts(layout, "flickr30k", "minilm", "tower"))
+    assert again == mounts and len(list((data / "views" / "flickr30k").iterdir())) == 1  # built once
+
+
+def test_output_files_must_be_regular_singly_linked_and_small(tmp_path):
+    from benchmark.runners.outputs import RejectedOutput, read_regular
+
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host file")
+    (out / "ok").write_bytes(b"12345")
+    (out / "link").symlink_to(secret)
+    os.mkfifo(out / "fifo")
+    (out / "twice").write_bytes(b"x")
+    os.link(out / "twice", out / "twice2")
+    (out / "big").write_bytes(b"x" * 100)
+
+    assert read_regular(out, "ok", 5) == b"12345"
+    for name, rule in (("link", "symbolic link"), ("fifo", "not a regular file"), ("twice", "2 hard links"),
+                       ("big", "rule 'size'")):
+        with pytest.raises(RejectedOutput, match=rule):
+            read_regular(out, name, 50)
+    with pytest.raises(FileNotFoundError):
+        read_regular(out, "missing", 50)
+
+
+def test_limits_have_defaults_env_overrides_and_docker_flags():
+    from benchmark.runners.docker import ContainerSpec
+    from benchmark.runners.images import ImageInfo
+
+    limits = SandboxLimits.from_env(SandboxLimits.from_mapping({"tmp_bytes": "1g"}), environ={
+        "MMDD_DOCKER_MEMORY": "2g", "MMDD_DOCKER_TIMEOUT": "30", "MMDD_DOCKER_PIDS": "100", "MMDD_DOCKER_CPUS": "1.5"})
+    assert (limits.memory_bytes, limits.timeout_s, limits.pids_limit, limits.cpus, limits.tmp_bytes) == \
+        (2 << 30, 30.0, 100, 1.5, 1 << 30)
+    args = ContainerSpec(ImageInfo("img", "id"), [], limits, {"mmdd.cell": "c"}).create_args("n", ["-c", "1"])
+    flags = " ".join(args)
+    for flag in ("--memory 2147483648", "--memory-swap 2147483648", "--pids-limit 100", "--cpus 1.5",
+                 "size=1073741824", f"--ulimit fsize={limits.out_max_bytes}", "--label mmdd.cell=c",
+                 "--network none", "--read-only", "--cap-drop ALL"):
+        assert flag in flags
+    with pytest.raises(ValueError, match="MMDD_DOCKER_MEMORY='lots' is not a size"):
+        SandboxLimits.from_env(environ={"MMDD_DOCKER_MEMORY": "lots"})
+    with pytest.raises(ValueError, match=r"unknown sandbox setting\(s\) \['memory'\]"):
+        SandboxLimits.from_mapping({"memory": "1g"})
+    with pytest.raises(ValueError, match="sandbox.pids_limit must be a positive number"):
+        SandboxLimits(pids_limit=0)
+
+
+def test_local_runner_takes_a_cell_spec_and_matches_the_in_process_run(tiny_project, tmp_path):
+    root, _ = tiny_project
+    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    cell = tmp_path / "cell"
+    child = get_runner("local")(cell_spec(bench, "random", cell))
+    here = bench.run_method("shapes", "random", 10, 0, tmp_path / "here")
+    assert torch.equal(child.phases[0].images, here.phases[0].images)
+    assert (cell / "distill_log.jsonl").exists() and not (cell / ".local").exists()
