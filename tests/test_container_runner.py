@@ -574,6 +574,11 @@ def test_train_mounts_expose_only_train_files_through_a_view(tmp_path):
     assert (view / "a.jpg").stat().st_ino == (ds / "flickr30k-images" / "a.jpg").stat().st_ino  # a hard link
     again = dict((t, h) for h, t in train_mounts(layout, "flickr30k", "minilm", "tower"))
     assert again == mounts and len(list((data / "views" / "flickr30k").iterdir())) == 1  # built once
+    fresh = ds / "flickr30k-images" / "a.new"
+    fresh.write_bytes(b"re-fetched")
+    fresh.replace(ds / "flickr30k-images" / "a.jpg")
+    (host, _), = [m for m in train_mounts(layout, "flickr30k", "minilm", "tower") if m[1].endswith("images")]
+    assert host != view and (host / "a.jpg").read_bytes() == b"re-fetched"
 
 
 def test_output_files_must_be_regular_singly_linked_and_small(tmp_path):

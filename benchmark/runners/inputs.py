@@ -5,7 +5,8 @@
 - the train images: every directory holding train images; a directory that also holds other files (Flickr30k's
   single ``flickr30k-images/``, COCO's ``val2014/`` with the Karpathy "restval" images) is replaced by a *view*: a
   directory of hard links (copies across file systems) to its train images only, built once under
-  ``<data_root>/views/<ds>/`` and reused;
+  ``<data_root>/views/<ds>/`` and reused while the images are unchanged (``views/`` may be deleted whenever no
+  method runs);
 - ``features/<ds>/<encoder>/train.safetensors``;
 - ``experts/<ds>/<tower>-<encoder>/`` and ``shortcuts/<ds>/<tower>-<encoder>/`` when they exist (trained on train).
 
@@ -88,14 +89,17 @@ def image_dirs(ds_dir: Path, images: list[str], views: Path) -> list[tuple[Path,
 def build_view(src: Path, names: list[str], subdirs: list[str], views: Path) -> Path:
     """A directory holding only ``names`` of ``src`` (hard links, copies across file systems) and empty
     ``subdirs`` (mount points of nested image directories). Built atomically; reused while the list is unchanged."""
-    digest = hashlib.sha256("\0".join([str(src.resolve()), *names, "/", *subdirs]).encode()).hexdigest()[:16]
-    view = views / digest
-    if (view / _COMPLETE).is_file():
-        return view
     missing = [n for n in names if not (src / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train image(s) missing under {src} (e.g. {missing[0]}): "
                                 "rerun `mmdd fetch`")
+    h = hashlib.sha256("\0".join([str(src.resolve()), "/", *subdirs]).encode())
+    for name in names:  # a re-fetched image (new inode or size or time) gets a new view
+        st = (src / name).stat()
+        h.update(f"\0{name}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    view = views / h.hexdigest()[:16]
+    if (view / _COMPLETE).is_file():
+        return view
     views.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".view-", dir=views))
     copied = 0
