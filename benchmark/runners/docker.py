@@ -353,8 +353,8 @@ class DockerRunner:
         log.debug("container %s: docker %s", name, shlex.join(cspec.create_args(name, argv)))
         result = RunResult(rc=-1, tail=[])
         t0 = time.monotonic()
-        try:
-            with _interruptible():
+        with _interruptible():  # cleanup runs inside: a second signal cannot cut it short
+            try:
                 docker(*cspec.create_args(name, argv), timeout=300)
                 proc = subprocess.Popen([docker_cli(), "start", "--attach", name], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -362,17 +362,18 @@ class DockerRunner:
                     with _Watchdog(name, cspec.limits, out_dir, result):
                         result.tail = _relay(proc, label)
                         result.rc = proc.wait()
-                except BaseException:
-                    proc.kill()
-                    proc.wait()
-                    raise
-        except HostInterrupted as exc:
-            _remove_container(name)
-            log.error("interrupted by %s: container %s stopped and removed", signal.Signals(exc.signum).name, name)
-            raise
-        except BaseException:
-            _remove_container(name)
-            raise
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            except HostInterrupted as exc:
+                _remove_container(name)
+                log.error("interrupted by %s: container %s stopped and removed", signal.Signals(exc.signum).name,
+                          name)
+                raise
+            except BaseException:
+                _remove_container(name)
+                raise
         result.seconds = time.monotonic() - t0
         state = docker("inspect", "--format", "{{.State.OOMKilled}}", name, check=False, timeout=60)
         result.oom_killed = state.stdout.strip() == "true"
