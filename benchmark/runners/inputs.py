@@ -28,7 +28,6 @@ from benchmark.paths import Layout
 log = logging.getLogger(__name__)
 CONTAINER_DATA = PurePosixPath("/data")
 VIEWS_DIR = "views"
-_COMPLETE = ".complete"
 
 
 def container_path(layout: Layout, host: Path) -> str:
@@ -88,7 +87,8 @@ def image_dirs(ds_dir: Path, images: list[str], views: Path) -> list[tuple[Path,
 
 def build_view(src: Path, names: list[str], subdirs: list[str], views: Path) -> Path:
     """A directory holding only ``names`` of ``src`` (hard links, copies across file systems) and empty
-    ``subdirs`` (mount points of nested image directories). Built atomically; reused while the list is unchanged."""
+    ``subdirs`` (mount points of nested image directories). Built beside and renamed into place; reused while the
+    images are unchanged."""
     missing = [n for n in names if not (src / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train image(s) missing under {src} (e.g. {missing[0]}): "
@@ -98,7 +98,7 @@ def build_view(src: Path, names: list[str], subdirs: list[str], views: Path) -> 
         st = (src / name).stat()
         h.update(f"\0{name}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     view = views / h.hexdigest()[:16]
-    if (view / _COMPLETE).is_file():
+    if view.is_dir():  # views appear only by renaming a complete one into place
         return view
     views.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".view-", dir=views))
@@ -112,11 +112,11 @@ def build_view(src: Path, names: list[str], subdirs: list[str], views: Path) -> 
                 copied += 1
         for d in subdirs:
             (tmp / d).mkdir()
-        (tmp / _COMPLETE).write_text(f"{len(names)} train images of {src}\n")
+        tmp.chmod(0o755)
         os.rename(tmp, view)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (view / _COMPLETE).is_file():  # not a concurrent builder winning the rename
+        if not view.is_dir():  # not a concurrent builder winning the rename
             raise
     if copied:
         log.warning("train-image view %s: %d of %d images copied (not hard-linked): put views/ on the file "
