@@ -2,6 +2,12 @@
 
 Saved as ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (phases' scalars, method, params, budget, dataset,
 encoder, seed, versions). The JSON is written last, so its presence marks a complete set. No pickle.
+
+A set may ask three things of the harness's evaluation, each bounded by :class:`EvalBounds` in :meth:`validate`:
+per-phase learning rates (``lr_img``, ``lr_txt``), per-phase epochs (else ``eval.epochs``), and the training loss
+(``meta["loss"]``, one of :data:`benchmark.losses.LOSSES`), plus the phases' target similarities. Everything else
+(students, batch size, momentum, weight decay, the lr drop, batching, eval_every, protocols, model selection,
+seeds) comes from the harness's configuration only.
 """
 
 from __future__ import annotations
@@ -18,6 +24,23 @@ from safetensors.torch import load_file
 from benchmark.io import atomic_path, write_tensors
 
 SIMILARITY_KINDS = ("none", "full", "lowrank")
+
+
+@dataclass(frozen=True)
+class EvalBounds:
+    """What a set may ask of evaluation: the rules ``phases``, ``epochs`` and ``lr`` of :meth:`DistilledSet.validate`.
+
+    Generous for every published method (one to a few phases, tens to hundreds of epochs, rates below 1), tight
+    enough that a set cannot turn evaluation into an endless job."""
+
+    max_phases: int = 16
+    max_epochs: int = 1000  # per phase
+    max_total_epochs: int = 2000  # over the phases that set their own
+    max_lr: float = 10.0
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class InvalidDistilledSet(ValueError):
@@ -90,10 +113,15 @@ class DistilledSet:
         return total
 
     def validate(self, budget: int | None = None, image_shape: tuple[int, ...] | None = None,
-                 text_dim: int | None = None) -> None:
+                 text_dim: int | None = None, bounds: EvalBounds = EvalBounds()) -> None:
         """Raise :class:`InvalidDistilledSet` naming the broken rule."""
         if not self.phases:
             raise InvalidDistilledSet("rule 'non-empty': the set has no phases")
+        if len(self.phases) > bounds.max_phases:
+            raise InvalidDistilledSet(f"rule 'phases': {len(self.phases)} phases, at most {bounds.max_phases} "
+                                      "(EvalBounds.max_phases)")
+        self._validate_loss()
+        self._validate_epochs(bounds)
         if budget is not None and self.pairs > budget:
             raise InvalidDistilledSet(f"rule 'budget': {self.pairs} pairs exceed the budget of {budget}")
         for k, p in enumerate(self.phases):
@@ -119,9 +147,14 @@ class DistilledSet:
                     raise InvalidDistilledSet(f"rule 'finite': {where} {name} has NaN or inf values")
             for name in ("lr_img", "lr_txt"):
                 v = getattr(p, name)
-                if not (math.isfinite(v) and v >= 0):
-                    raise InvalidDistilledSet(f"rule 'finite': {where} {name}={v} must be finite and >= 0")
-            if p.similarity not in SIMILARITY_KINDS:
+                if not _is_number(v) or not (math.isfinite(v) and v >= 0):
+                    raise InvalidDistilledSet(f"rule 'finite': {where} {name}={v!r} must be finite and >= 0")
+                if v > bounds.max_lr:
+                    raise InvalidDistilledSet(f"rule 'lr': {where} {name}={v} exceeds {bounds.max_lr} "
+                                              "(EvalBounds.max_lr)")
+            if not _is_number(p.sim_alpha) or not math.isfinite(p.sim_alpha):
+                raise InvalidDistilledSet(f"rule 'finite': {where} sim_alpha={p.sim_alpha!r} must be finite")
+            if not isinstance(p.similarity, str) or p.similarity not in SIMILARITY_KINDS:
                 raise InvalidDistilledSet(f"rule 'similarity': {where} kind {p.similarity!r} not in "
                                           f"{SIMILARITY_KINDS}")
             if p.similarity == "full" and (p.sim_full is None or tuple(p.sim_full.shape) != (p.n, p.n)):
@@ -129,12 +162,32 @@ class DistilledSet:
             if p.similarity == "lowrank":
                 ok = (p.sim_a is not None and p.sim_l is not None and p.sim_r is not None
                       and tuple(p.sim_a.shape) == (p.n,) and p.sim_l.shape[0] == p.n
-                      and p.sim_l.shape == p.sim_r.shape and p.sim_l.dim() == 2)
+                      and p.sim_l.shape == p.sim_r.shape and p.sim_l.dim() == 2 and 0 < p.sim_l.shape[1] <= p.n)
                 if not ok:
                     raise InvalidDistilledSet(f"rule 'shapes': {where} low-rank similarity needs a [n], L and R "
-                                              f"[n, r] with n={p.n}")
-            if p.epochs is not None and p.epochs <= 0:
-                raise InvalidDistilledSet(f"rule 'epochs': {where} epochs must be positive, got {p.epochs}")
+                                              f"[n, r] with n={p.n} and 0 < r <= n")
+
+    def _validate_loss(self) -> None:
+        from benchmark.losses import LOSSES
+
+        loss = self.meta.get("loss", "ce")
+        if not isinstance(loss, str) or loss not in LOSSES:
+            raise InvalidDistilledSet(f"rule 'loss': meta.loss={loss!r} is not one of {sorted(LOSSES)}")
+
+    def _validate_epochs(self, bounds: EvalBounds) -> None:
+        total = 0
+        for k, p in enumerate(self.phases):
+            if p.epochs is None:
+                continue
+            if not isinstance(p.epochs, int) or isinstance(p.epochs, bool):
+                raise InvalidDistilledSet(f"rule 'epochs': phase {k} epochs={p.epochs!r} must be an integer")
+            if not 0 < p.epochs <= bounds.max_epochs:
+                raise InvalidDistilledSet(f"rule 'epochs': phase {k} epochs={p.epochs} must be in "
+                                          f"[1, {bounds.max_epochs}] (EvalBounds.max_epochs)")
+            total += p.epochs
+        if total > bounds.max_total_epochs:
+            raise InvalidDistilledSet(f"rule 'epochs': the phases ask for {total} epochs in all, at most "
+                                      f"{bounds.max_total_epochs} (EvalBounds.max_total_epochs)")
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write ``stem.safetensors`` then ``stem.json`` atomically; return both paths."""

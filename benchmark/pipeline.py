@@ -252,9 +252,16 @@ class Bench:
         if runner == "local":
             dset = self.run_method(ds, method, budget, seed, cell)
         else:
-            from benchmark.runners import get_runner
+            from benchmark.runners import CellSpec, SandboxLimits, get_runner
+            from benchmark.runners.inputs import train_mounts
+            from benchmark.runners.spec import config_document
 
-            dset = get_runner(runner)(self, ds, method, budget, seed, cell)
+            spec = CellSpec(dataset=ds, method=method, budget=budget, seed=seed, device=str(self.device),
+                            data_root=self.layout.data_root, work_dir=cell,
+                            config_doc=config_document(self.cfg, self.student.tower_config),
+                            mounts=train_mounts(self.layout, ds, self.cfg.text_encoder, self.cfg.student.tower),
+                            limits=SandboxLimits.from_env())
+            dset = get_runner(runner)(spec)
         dset.validate(budget=budget, image_shape=(3, self.image_size, self.image_size),
                       text_dim=self.student.text_dim)
         dset.meta.update({"method": method, "params": params, "budget": budget, "seed": seed, "dataset": ds,

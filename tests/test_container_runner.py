@@ -1,15 +1,23 @@
 """The container runner, end to end with a real Docker engine and the CPU test image (no mocks).
 
 A method runs in a container on the tiny preset; the harness validates and evaluates its output. The sandbox is
-checked from inside with the exact spec a method run gets: no network (only ``lo``), read-only data, source and
-root file system, one writable output directory, the caller's uid.
+checked from inside with the exact spec a method run gets: no network (only ``lo``), only train inputs, read-only
+data, source and root file system, one writable output directory, the caller's uid, resource limits. Hostile
+entries reproduce each attack on the harness (reading the test split, planting links in the output directory,
+flooding it, asking evaluation for 10**12 epochs, never ending) and must now fail, naming the rule. The last tests
+check the host-side pieces (input views, output acceptance, limits) without Docker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -23,8 +31,10 @@ from benchmark.io import read_json
 from benchmark.paths import Layout
 from benchmark.pipeline import Bench
 from benchmark.runners import get_runner
-from benchmark.runners.docker import HOST_SITE, DockerRunner, config_document
-from tests.docker_env import cpu_test_image
+from benchmark.runners.docker import HOST_SITE, DockerRunner, orphans
+from benchmark.runners.images import docker
+from benchmark.runners.spec import CellSpec, SandboxLimits, config_document
+from tests.docker_env import cell_spec, cpu_test_image
 
 CELL = Path("cells/tiny/shapes/random/b10/s0")
 PROBE = r"""
@@ -113,9 +123,9 @@ def test_sandbox_has_no_network_and_only_the_output_dir_is_writable(tiny_project
     source = str(Path(__import__("benchmark").__file__).resolve().parent)
     script = PROBE.replace("HOST_SITE", repr(HOST_SITE)).replace("SOURCE", repr(source))
     out = tmp_path / "out"
-    rc, lines = DockerRunner.from_env().probe(bench, "shapes", "random", script, out)
-    assert rc == 0, lines
-    res = json.loads(lines[-1])
+    run = DockerRunner.from_env().probe(cell_spec(bench, "random", tmp_path / "cell"), script, out)
+    assert run.rc == 0, run.tail
+    res = json.loads(run.tail[-1])
     assert res["interfaces"] == ["lo"]
     assert res["connect"] != "ok" and res["dns"] != "ok"
     assert (res["uid"], res["gid"]) == (os.getuid(), os.getgid())
@@ -151,7 +161,7 @@ def test_configuration_round_trips_into_the_container(tiny_project, tmp_path):
     root, _ = tiny_project
     cfg = load_config("tiny", ["eval.students=3", "methods.random.lr_img=0.25"])
     bench = Bench(cfg, Layout(root / "data", tmp_path), progress=False)
-    doc = config_document(bench)
+    doc = config_document(bench.cfg, bench.student.tower_config)
     assert doc["eval"]["students"] == 3 and doc["methods"]["random"]["lr_img"] == 0.25
     assert doc["student"]["tower_config"] == bench.student.tower_config
 
@@ -181,8 +191,445 @@ def test_entry_dockerfile_is_built_once_and_used(tiny_project, image, tmp_path, 
         assert first.ref.startswith("mmdd-entry-docker-entry:0.1.0-") and first.python_env == "host"
         root, _ = tiny_project
         bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
-        rc, lines = runner.probe(bench, "shapes", "docker-entry",
-                                 "print(open('/opt/mmdd/entry-marker').read().strip())", tmp_path / "out")
-        assert rc == 0 and lines[-1] == marker
+        run = runner.probe(cell_spec(bench, "docker-entry", tmp_path / "cell"),
+                           "print(open('/opt/mmdd/entry-marker').read().strip())", tmp_path / "out")
+        assert run.rc == 0 and run.tail[-1] == marker
     finally:
         real("rmi", "-f", first.ref, check=False)
+
+
+# ------------------------------------------------------------------------------------------ hostile entries
+# Each attack is a real method entry (an out-of-tree module the runner mounts and registers in the container) run
+# through `mmdd distill --runner docker`; the constants it needs (host paths) are written into its source.
+HOSTILE = r'''
+"""Hostile method entries for the container runner's tests (written by tests/test_container_runner.py)."""
+import atexit
+import os
+import time
+
+import torch
+
+from benchmark.distilled import DistilledSet, Phase
+from benchmark.interface import Method
+
+SECRETS = __SECRETS__  # every val/test path of the dataset, as the container would see it
+VICTIM = __VICTIM__  # output name -> host path of another cell's file
+
+
+class _Base(Method):
+    defaults = {"tiny": {}}
+
+    def distill(self, task):
+        x, t = task.train.pairs(torch.arange(task.budget))
+        return DistilledSet([Phase(images=x.float().clone(), texts=t.float().clone(), lr_img=0.1, lr_txt=0.1)],
+                            self.meta())
+
+    def meta(self):
+        return {"loss": "ce"}
+
+
+class Peeker(_Base):
+    """Reads every val/test path it can and lists everything under /data."""
+
+    def meta(self):
+        found = []
+        for path in SECRETS:
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+                found.append(path)
+            except OSError:
+                pass
+        visible = sorted(os.path.join(d, n) for d, _, names in os.walk("/data") for n in names)
+        return {"loss": "ce", "found": found, "visible": visible}
+
+
+class SymlinkPlanter(_Base):
+    """Once the harness code inside the container has saved the set, replaces the outputs by links to host files."""
+
+    def distill(self, task):
+        def plant():
+            for name, target in VICTIM.items():
+                path = os.path.join("/out", name)
+                if os.path.lexists(path):
+                    os.unlink(path)
+                os.symlink(target, path)
+
+        atexit.register(plant)
+        return super().distill(task)
+
+
+class HardLinker(_Base):
+    def distill(self, task):
+        atexit.register(lambda: os.link("/out/distilled.safetensors", "/out/second-name"))
+        return super().distill(task)
+
+
+class OutFlooder(_Base):
+    """Writes 1 GiB to /out in 16 MiB files (under the per-file size limit)."""
+
+    def distill(self, task):
+        chunk = b"x" * (1 << 20)
+        for k in range(64):
+            with open(f"/out/flood_{k:02d}", "wb") as f:
+                for _ in range(16):
+                    f.write(chunk)
+            print(f"wrote {16 * (k + 1)} MiB", flush=True)
+        return super().distill(task)
+
+
+class EpochBomb(_Base):
+    def distill(self, task):
+        dset = super().distill(task)
+        dset.phases[0].epochs = 10**12
+        return dset
+
+
+class Sleeper(_Base):
+    def distill(self, task):
+        print("sleeping", flush=True)
+        while True:
+            time.sleep(1)
+'''
+ENTRIES = {"hostile-peeker": "Peeker", "hostile-symlink": "SymlinkPlanter", "hostile-hardlink": "HardLinker",
+           "hostile-flood": "OutFlooder", "hostile-epochs": "EpochBomb", "hostile-sleeper": "Sleeper"}
+RAW = Path("raw/shapes")
+FEATURES = Path("features/shapes/minilm")
+
+
+def _secret_paths(data: Path) -> list[str]:
+    """Every val/test file (and the generator manifest) of a data root, at its container path."""
+    names = [RAW / "manifest.json", FEATURES / "val.safetensors", FEATURES / "test.safetensors"]
+    names += [RAW / "annotations" / f"shapes_{s}.json" for s in ("val", "test")]
+    for split in ("val", "test"):
+        names += [RAW / "images" / split / p.name for p in (data / RAW / "images" / split).iterdir()]
+        names += [RAW / "images" / "all" / f"{split}_{p.name}" for p in (data / RAW / "images" / split).iterdir()]
+    return sorted(f"/data/{n.as_posix()}" for n in names)
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_project, image, tmp_path_factory):
+    """The hostile entries, registered here and (through an ``mmdd.methods`` entry point) for child processes;
+    plus a victim cell whose files the symlink entry points at."""
+    from benchmark import registry
+
+    root, _ = tiny_project
+    base = tmp_path_factory.mktemp("hostile")
+    victim = base / "victim"
+    victim.mkdir()
+    DistilledSet([_real_phase(root)], {"loss": "ce", "victim": True}).save(victim / "distilled")
+    (victim / "distill_log.jsonl").write_text('{"victim": 1}\n')
+    site = base / "site"
+    site.mkdir()
+    source = HOSTILE.replace("__SECRETS__", repr(_secret_paths(root / "data"))).replace(
+        "__VICTIM__", repr({n: str(victim / n) for n in ("distilled.safetensors", "distilled.json",
+                                                          "distill_log.jsonl")}))
+    (site / "mmdd_hostile.py").write_text(source)
+    dist = site / "mmdd_hostile-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mmdd-hostile\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mmdd.methods]\n" + "".join(
+        f"{name} = mmdd_hostile:{cls}\n" for name, cls in ENTRIES.items()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "_METHODS", dict(registry._METHODS))
+        mp.syspath_prepend(str(site))
+        import mmdd_hostile
+
+        for name, cls in ENTRIES.items():
+            registry.register_method(name)(getattr(mmdd_hostile, cls))
+        yield {"victim": victim, "site": site}
+    sys.modules.pop("mmdd_hostile", None)
+
+
+def _real_phase(root: Path):
+    from benchmark.distilled import Phase
+
+    bench = Bench(load_config("tiny"), Layout(root / "data", root / "unused"), progress=False)
+    x, t = bench.train_data("shapes").pairs(torch.arange(10, 20))
+    return Phase(images=x.float().clone(), texts=t.float().clone(), lr_img=0.1, lr_txt=0.1)
+
+
+def _distill(data: Path, results: Path, method: str, *extra: str) -> int:
+    return main(["distill", "--preset", "tiny", "--data-root", str(data), "--results-root", str(results),
+                 "--no-progress", "--method", method, "--budget", "10", "--seed", "0", "--runner", "docker", *extra])
+
+
+def _cell(results: Path, method: str) -> Path:
+    return results / "cells/tiny/shapes" / method / "b10/s0"
+
+
+def _merged_images(src: Path, dst: Path) -> Path:
+    """A copy of a data root whose images all sit in one directory (Flickr30k's layout): images/all/<split>_<name>."""
+    shutil.copytree(src, dst)
+    images = dst / RAW / "images"
+    (images / "all").mkdir()
+    for split in ("train", "val", "test"):
+        for p in (images / split).iterdir():
+            p.rename(images / "all" / f"{split}_{p.name}")
+        (images / split).rmdir()
+        ann = dst / RAW / "annotations" / f"shapes_{split}.json"
+        entries = json.loads(ann.read_text())
+        for e in entries:
+            e["image"] = f"images/all/{split}_{Path(e['image']).name}"
+        ann.write_text(json.dumps(entries))
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["split-dirs", "merged"])
+def test_method_sees_only_train_inputs(tiny_project, hostile, tmp_path, layout):
+    root, _ = tiny_project
+    data = root / "data" if layout == "split-dirs" else _merged_images(root / "data", tmp_path / "data")
+    results = tmp_path / "results"
+
+    assert _distill(data, results, "hostile-peeker") == 0  # `mmdd run-method` works on the train-only mounts
+
+    meta = json.loads((_cell(results, "hostile-peeker") / "distilled.json").read_text())["meta"]
+    assert meta["found"] == [], "the method could read val/test files"
+    train_images = sorted(e["image"] for e in json.loads((data / RAW / "annotations/shapes_train.json").read_text()))
+    expected = {f"/data/{RAW.as_posix()}/annotations/shapes_train.json",
+                f"/data/{FEATURES.as_posix()}/train.safetensors"}
+    expected |= {f"/data/{RAW.as_posix()}/{p}" for p in train_images}
+    expected |= {f"/data/{p.relative_to(data).as_posix()}" for sub in ("experts", "shortcuts")
+                 for p in (data / sub).rglob("*") if p.is_file()}
+    assert set(meta["visible"]) == expected
+    if layout == "merged":
+        assert (data / "views" / "shapes").is_dir()
+
+
+def test_symlinked_outputs_are_refused_and_nothing_is_moved(tiny_project, hostile, tmp_path, caplog):
+    root, _ = tiny_project
+    victim = hostile["victim"]
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    results = tmp_path / "results"
+
+    assert _distill(root / "data", results, "hostile-symlink") == 2
+
+    assert "rule 'regular-file'" in caplog.text and "symbolic link" in caplog.text
+    cell = _cell(results, "hostile-symlink")
+    assert not list(cell.glob("distilled*")) and not (cell / "distill_info.json").exists()
+    assert not (cell / "distill_log.jsonl").is_symlink() and not (cell / "distill_log.jsonl").exists()
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+
+
+def test_hard_linked_output_is_refused(tiny_project, hostile, tmp_path, caplog):
+    root, _ = tiny_project
+    assert _distill(root / "data", tmp_path / "results", "hostile-hardlink") == 2
+    assert "rule 'regular-file'" in caplog.text and "2 hard links" in caplog.text
+    assert not list((tmp_path / "results").rglob("distilled*"))
+
+
+def test_epoch_bomb_is_refused_by_the_harness(tiny_project, hostile, tmp_path, caplog):
+    root, _ = tiny_project
+    assert _distill(root / "data", tmp_path / "results", "hostile-epochs") == 2
+    assert "rule 'epochs': phase 0 epochs=1000000000000" in caplog.text
+    assert not list((tmp_path / "results").rglob("distilled*"))
+
+
+def test_flooding_out_is_stopped_at_the_cap(tiny_project, hostile, tmp_path, caplog, monkeypatch):
+    root, _ = tiny_project
+    monkeypatch.setenv("MMDD_DOCKER_OUT_MAX", "64m")
+    monkeypatch.setenv("MMDD_DOCKER_POLL", "0.2")
+    results = tmp_path / "results"
+
+    assert _distill(root / "data", results, "hostile-flood") == 2
+
+    assert "rule 'out-size'" in caplog.text
+    written = [int(m) for m in re.findall(r"wrote (\d+) MiB", caplog.text)]
+    assert max(written, default=0) < 1024, "the container wrote its whole GiB"
+    assert not (_cell(results, "hostile-flood") / ".container").exists()
+
+
+def test_tmp_and_pids_and_memory_are_limited(tiny_project, image, tmp_path):
+    root, _ = tiny_project
+    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    limits = SandboxLimits(tmp_bytes=64 << 20, pids_limit=32, memory_bytes=256 << 20)
+    spec = cell_spec(bench, "random", tmp_path / "cell", limits=limits)
+    runner = DockerRunner.from_env()
+    script = r"""
+import errno, json, threading, time
+written, err = 0, None
+try:
+    with open("/tmp/flood", "wb") as f:
+        for _ in range(1024):
+            f.write(b"x" * (1 << 20)); f.flush(); written += 1 << 20
+except OSError as exc:
+    err = errno.errorcode[exc.errno]
+threads = 0
+try:
+    for _ in range(1000):
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); threads += 1
+except RuntimeError:
+    pass
+print(json.dumps({"written": written, "err": err, "threads": threads}))
+"""
+    run = runner.probe(spec, script, tmp_path / "out")
+    assert run.rc == 0, run.tail
+    res = json.loads(run.tail[-1])
+    assert res["err"] == "ENOSPC" and res["written"] <= 64 << 20
+    assert res["threads"] < 32
+
+    hog = runner.probe(spec, "blocks = [bytearray(1 << 26) for _ in range(16)]\nprint('survived 1 GiB')",
+                       tmp_path / "out")
+    assert hog.oom_killed and hog.rc != 0 and "survived 1 GiB" not in hog.tail
+    assert "rule 'memory'" in hog.failure(limits)
+
+
+def _hostile_cli(tiny_project, results: Path, hostile) -> subprocess.Popen:
+    root, _ = tiny_project
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(hostile["site"])]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmark.cli", "distill", "--preset", "tiny", "--data-root", str(root / "data"),
+           "--results-root", str(results), "--no-progress", "--method", "hostile-sleeper", "--budget", "10",
+           "--seed", "0", "--runner", "docker"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _cell_id(results: Path) -> str:
+    return CellSpec(dataset="shapes", method="hostile-sleeper", budget=10, seed=0, device="cpu",
+                    data_root=Path("/unused"), work_dir=_cell(results.resolve(), "hostile-sleeper"),
+                    config_doc={"preset": "tiny"}).cell_id
+
+
+def _wait_for_container(cell_id: str, proc: subprocess.Popen, timeout: float = 120) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = docker("ps", "-q", "--filter", f"label=mmdd.cell={cell_id}").stdout.split()
+        if running:
+            return running
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    raise AssertionError(f"no container of {cell_id} started within {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_host_process_stops_the_container(tiny_project, hostile, tmp_path, sig):
+    results = tmp_path / "results"
+    cell_id = _cell_id(results)
+    proc = _hostile_cli(tiny_project, results, hostile)
+    try:
+        _wait_for_container(cell_id, proc)
+        time.sleep(1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and f"interrupted by {sig.name}" in err
+    assert orphans(cell_id) == []
+
+
+def test_killed_host_leaves_an_orphan_that_a_rerun_reaps_then_times_out(tiny_project, hostile, tmp_path, caplog,
+                                                                       monkeypatch):
+    results = tmp_path / "results"
+    cell_id = _cell_id(results)
+    proc = _hostile_cli(tiny_project, results, hostile)
+    try:
+        left = _wait_for_container(cell_id, proc)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup possible
+        proc.communicate()
+    assert orphans(cell_id) == left  # the container outlived its host process
+
+    monkeypatch.setenv("MMDD_DOCKER_TIMEOUT", "5")
+    root, _ = tiny_project
+    t0 = time.monotonic()
+    assert _distill(root / "data", results, "hostile-sleeper") == 2
+    elapsed = time.monotonic() - t0
+    assert "removed 1 container(s) an earlier run" in caplog.text
+    assert "rule 'timeout': killed after 5 s" in caplog.text and elapsed < 60
+    assert orphans(cell_id) == []
+
+
+# ------------------------------------------------------------------------------------------ host side, no Docker
+def test_train_mounts_expose_only_train_files_through_a_view(tmp_path):
+    """Flickr30k keeps every split's images in one directory: the mount is a view of hard links to the train ones."""
+    from benchmark.runners.inputs import train_mounts
+
+    data = tmp_path / "data"
+    ds = data / "raw" / "flickr30k"
+    (ds / "annotations").mkdir(parents=True)
+    (ds / "flickr30k-images").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (ds / "flickr30k-images" / name).write_bytes(name.encode())
+    train = [{"image": f"flickr30k-images/{n}", "caption": "x", "image_id": n} for n in ("a.jpg", "b.jpg")]
+    (ds / "annotations" / "flickr30k_train.json").write_text(json.dumps(train))
+    for split, names in (("val", ["c.jpg"]), ("test", ["d.jpg"])):
+        (ds / "annotations" / f"flickr30k_{split}.json").write_text(
+            json.dumps([{"image": f"flickr30k-images/{n}", "caption": ["x"]} for n in names]))
+    feats = data / "features" / "flickr30k" / "minilm"
+    feats.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (feats / f"{split}.safetensors").write_bytes(b"f")
+    layout = Layout(data, tmp_path / "results")
+
+    mounts = dict((target, host) for host, target in train_mounts(layout, "flickr30k", "minilm", "tower"))
+
+    assert set(mounts) == {"/data/raw/flickr30k/annotations/flickr30k_train.json",
+                           "/data/features/flickr30k/minilm/train.safetensors", "/data/raw/flickr30k/flickr30k-images"}
+    view = mounts["/data/raw/flickr30k/flickr30k-images"]
+    assert view.is_relative_to(data / "views" / "flickr30k")
+    assert sorted(p.name for p in view.iterdir()) == ["a.jpg", "b.jpg"]
+    assert (view / "a.jpg").stat().st_ino == (ds / "flickr30k-images" / "a.jpg").stat().st_ino  # a hard link
+    again = dict((t, h) for h, t in train_mounts(layout, "flickr30k", "minilm", "tower"))
+    assert again == mounts and len(list((data / "views" / "flickr30k").iterdir())) == 1  # built once
+    fresh = ds / "flickr30k-images" / "a.new"
+    fresh.write_bytes(b"re-fetched")
+    fresh.replace(ds / "flickr30k-images" / "a.jpg")
+    (host, _), = [m for m in train_mounts(layout, "flickr30k", "minilm", "tower") if m[1].endswith("images")]
+    assert host != view and (host / "a.jpg").read_bytes() == b"re-fetched"
+
+
+def test_output_files_must_be_regular_singly_linked_and_small(tmp_path):
+    from benchmark.runners.outputs import RejectedOutput, read_regular
+
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host file")
+    (out / "ok").write_bytes(b"12345")
+    (out / "link").symlink_to(secret)
+    os.mkfifo(out / "fifo")
+    (out / "twice").write_bytes(b"x")
+    os.link(out / "twice", out / "twice2")
+    (out / "big").write_bytes(b"x" * 100)
+
+    assert read_regular(out, "ok", 5) == b"12345"
+    for name, rule in (("link", "symbolic link"), ("fifo", "not a regular file"), ("twice", "2 hard links"),
+                       ("big", "rule 'size'")):
+        with pytest.raises(RejectedOutput, match=rule):
+            read_regular(out, name, 50)
+    with pytest.raises(FileNotFoundError):
+        read_regular(out, "missing", 50)
+
+
+def test_limits_have_defaults_env_overrides_and_docker_flags():
+    from benchmark.runners.docker import ContainerSpec
+    from benchmark.runners.images import ImageInfo
+
+    limits = SandboxLimits.from_env(SandboxLimits.from_mapping({"tmp_bytes": "1g"}), environ={
+        "MMDD_DOCKER_MEMORY": "2g", "MMDD_DOCKER_TIMEOUT": "30", "MMDD_DOCKER_PIDS": "100", "MMDD_DOCKER_CPUS": "1.5"})
+    assert (limits.memory_bytes, limits.timeout_s, limits.pids_limit, limits.cpus, limits.tmp_bytes) == \
+        (2 << 30, 30.0, 100, 1.5, 1 << 30)
+    args = ContainerSpec(ImageInfo("img", "id"), [], limits, {"mmdd.cell": "c"}).create_args("n", ["-c", "1"])
+    flags = " ".join(args)
+    for flag in ("--memory 2147483648", "--memory-swap 2147483648", "--pids-limit 100", "--cpus 1.5",
+                 "size=1073741824", f"--ulimit fsize={limits.out_max_bytes}", "--label mmdd.cell=c",
+                 "--network none", "--read-only", "--cap-drop ALL"):
+        assert flag in flags
+    with pytest.raises(ValueError, match="MMDD_DOCKER_MEMORY='lots' is not a size"):
+        SandboxLimits.from_env(environ={"MMDD_DOCKER_MEMORY": "lots"})
+    with pytest.raises(ValueError, match=r"unknown sandbox setting\(s\) \['memory'\]"):
+        SandboxLimits.from_mapping({"memory": "1g"})
+    with pytest.raises(ValueError, match="sandbox.pids_limit must be a positive number"):
+        SandboxLimits(pids_limit=0)
+
+
+def test_local_runner_takes_a_cell_spec_and_matches_the_in_process_run(tiny_project, tmp_path):
+    root, _ = tiny_project
+    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    cell = tmp_path / "cell"
+    child = get_runner("local")(cell_spec(bench, "random", cell))
+    here = bench.run_method("shapes", "random", 10, 0, tmp_path / "here")
+    assert torch.equal(child.phases[0].images, here.phases[0].images)
+    assert (cell / "distill_log.jsonl").exists() and not (cell / ".local").exists()

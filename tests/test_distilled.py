@@ -1,7 +1,10 @@
+import json
+import re
+
 import pytest
 import torch
 
-from benchmark.distilled import DistilledSet, InvalidDistilledSet, Phase
+from benchmark.distilled import DistilledSet, EvalBounds, InvalidDistilledSet, Phase
 
 
 def _phase(n=4, sim="none", size=8, d=6, gen=None):
@@ -79,3 +82,59 @@ def test_non_set_json_is_rejected(tmp_path):
     js.write_text('{"format": "something-else", "phases": []}')
     with pytest.raises(InvalidDistilledSet, match="format"):
         DistilledSet.load(tmp_path / "d")
+
+
+# ------------------------------------------------------------------ what a set may ask of evaluation
+def _set_with(**changes):
+    ds = DistilledSet([_phase(4)], {"loss": "ce"})
+    for name, value in changes.items():
+        setattr(ds.phases[0], name, value)
+    return ds
+
+
+@pytest.mark.parametrize("changes, rule", [
+    ({"epochs": 10**12}, "rule 'epochs': phase 0 epochs=1000000000000 must be in [1, 1000]"),
+    ({"epochs": 0}, "rule 'epochs'"),
+    ({"epochs": 5.0}, "rule 'epochs': phase 0 epochs=5.0 must be an integer"),
+    ({"epochs": True}, "rule 'epochs'"),
+    ({"lr_img": 1e9}, "rule 'lr': phase 0 lr_img=1000000000.0 exceeds 10.0"),
+    ({"lr_txt": float("inf")}, "rule 'finite'"),
+    ({"lr_txt": "0.1"}, "rule 'finite'"),
+    ({"sim_alpha": float("nan")}, "rule 'finite'"),
+])
+def test_evaluation_requests_are_bounded(changes, rule):
+    with pytest.raises(InvalidDistilledSet, match=re.escape(rule)):
+        _set_with(**changes).validate()
+
+
+def test_phases_and_total_epochs_are_bounded():
+    many = DistilledSet([_phase(1) for _ in range(17)])
+    with pytest.raises(InvalidDistilledSet, match=r"rule 'phases': 17 phases, at most 16"):
+        many.validate()
+    long = DistilledSet([_phase(2), _phase(2), _phase(2)])
+    for p in long.phases:
+        p.epochs = 900
+    with pytest.raises(InvalidDistilledSet, match=r"rule 'epochs': the phases ask for 2700 epochs in all"):
+        long.validate()
+    long.validate(bounds=EvalBounds(max_total_epochs=3000))  # the bounds are the caller's
+
+
+def test_loss_must_be_known_and_lowrank_rank_at_most_n():
+    ds = _set_with()
+    ds.meta["loss"] = "__import__('os')"
+    with pytest.raises(InvalidDistilledSet, match=r"rule 'loss'"):
+        ds.validate()
+    wide = DistilledSet([_phase(3, "lowrank")])
+    wide.phases[0].sim_l, wide.phases[0].sim_r = torch.randn(3, 50), torch.randn(3, 50)
+    with pytest.raises(InvalidDistilledSet, match=r"0 < r <= n"):
+        wide.validate()
+
+
+def test_epoch_bomb_in_the_json_sidecar_is_refused_after_loading(tmp_path):
+    ds = DistilledSet([_phase(2)], {"loss": "ce"})
+    _, js = ds.save(tmp_path / "d")
+    doc = json.loads(js.read_text())
+    doc["phases"][0]["epochs"] = 10**12
+    js.write_text(json.dumps(doc))
+    with pytest.raises(InvalidDistilledSet, match=r"rule 'epochs'"):
+        DistilledSet.load(tmp_path / "d").validate()
