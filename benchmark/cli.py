@@ -1,4 +1,5 @@
-"""``mmdd``: the command-line front end. Each subcommand is one pipeline stage (DESIGN §2)."""
+"""``mmdd``: the command-line front end. Each stage command runs one stage function of :mod:`benchmark.stages` on
+the configuration in ``params.yaml`` (written by ``mmdd init-params``); ``dvc.yaml`` calls exactly these commands."""
 
 from __future__ import annotations
 
@@ -6,78 +7,228 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 log = logging.getLogger("mmdd")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", help="preset name (quick, paper, tiny) or a YAML path [quick]")
+    p.add_argument("--params", default="params.yaml",
+                   help="the resolved configuration, written by `mmdd init-params` [params.yaml]")
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. -S eval.students=5 (repeatable)")
+                   help="override a params.yaml value for this run only, e.g. -S eval.students=5 (repeatable)")
     p.add_argument("--dataset", action="append", default=None, help="restrict to this dataset (repeatable)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 [cpu]")
-    p.add_argument("--data-root", default=None, help="root of data/ (raw, features, experts) [config data.root]")
+    p.add_argument("--data-root", default=None, help="root of data/ (raw, features, experts) [params data.root]")
     p.add_argument("--results-root", default="results", help="root of results/ [results]")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _cell_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", action="append", default=None, help="method name (repeatable; default: grid)")
-    p.add_argument("--budget", type=int, action="append", default=None, help="pairs (repeatable; default: grid)")
-    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeatable; default: grid)")
+    p.add_argument("--method", action="append", default=None, help="method name (repeatable) [grid.methods]")
+    p.add_argument("--budget", type=int, action="append", default=None, help="pairs (repeatable) [grid.budgets]")
+    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeatable) [grid.seeds]")
     p.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
+
+
+def _context(args):
+    from benchmark.stages.context import make_context
+
+    return make_context(args.params, args.overrides, args.dataset, args.device, args.data_root, args.results_root,
+                        progress=not args.no_progress)
+
+
+def _cells(ctx, args):
+    for m in args.method or []:
+        if m not in ctx.cfg.grid.methods:
+            raise ValueError(f"method {m!r} is not in params.yaml's grid.methods {ctx.cfg.grid.methods}: add it with "
+                             "`mmdd init-params --preset <name> -S grid.methods=[...]`")
+    for b in args.budget or []:
+        if b not in ctx.cfg.grid.budgets:
+            raise ValueError(f"budget {b} is not in params.yaml's grid.budgets {ctx.cfg.grid.budgets}: regenerate "
+                             "params.yaml with it (`mmdd init-params ... -S grid.budgets=[...]`)")
+    return ctx.cells(methods=args.method, budgets=args.budget, seeds=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_methods(args) -> int:
+    from benchmark.registry import available_methods, get_method
+
+    for name in available_methods():
+        print(f"{name:12s} {get_method(name).description()}")
+    return 0
+
+
+def cmd_init_params(args) -> int:
+    from benchmark.params import write_params
+
+    dvc_yaml = None if args.no_dvc_yaml else args.dvc_yaml
+    out = write_params(args.preset, args.out, args.overrides, dvc_yaml=dvc_yaml, root=Path(args.out).parent)
+    log.info("wrote %s%s", out, f" and {dvc_yaml}" if dvc_yaml else "")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from benchmark.tracking import serve_ui, tracking_uri
+
+    return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port)
+
+
+def per_dataset(stage: str):
+    def run(args) -> int:
+        import importlib
+
+        ctx = _context(args)
+        fn = getattr(importlib.import_module(f"benchmark.stages.{stage}"), stage)
+        for ds in ctx.cfg.datasets:
+            if stage == "experts":
+                fn(ctx, ds, args.index)
+            elif stage == "prepare":
+                for m in args.method or ctx.cfg.grid.methods:
+                    fn(ctx, ds, m)
+            elif stage == "full_data":
+                r = fn(ctx, ds)["protocols"]["strict"]["r_mean"]
+                log.info("%s full data: r_mean %.2f ± %.2f", ds, r["mean"], r["std"])
+            else:
+                fn(ctx, ds)
+        return 0
+
+    return run
+
+
+def cmd_distill(args) -> int:
+    from benchmark.stages.distill import distill
+
+    ctx = _context(args)
+    for cell in _cells(ctx, args):
+        distill(ctx, cell, force=args.force, runner=args.runner)
+    return 0
+
+
+def cmd_run_method(args) -> int:
+    from benchmark.stages.cells import Cell
+    from benchmark.stages.distill import run_method
+
+    ctx = _context(args)
+    run_method(ctx, Cell(ctx.cfg.datasets[0], args.method, args.budget, args.seed), Path(args.work_dir))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from benchmark.stages.evaluate import evaluate
+
+    ctx = _context(args)
+    for cell in _cells(ctx, args):
+        res = evaluate(ctx, cell, force=args.force)
+        for proto, summary in res["protocols"].items():
+            log.info("%s %s: r_mean %.2f ± %.2f", cell, proto, summary["r_mean"]["mean"], summary["r_mean"]["std"])
+    return 0
+
+
+def cmd_report(args) -> int:
+    from benchmark.stages.report import report
+
+    ctx = _context(args)
+    for ds, md in report(ctx).items():
+        print(f"\n## {ds} ({ctx.cfg.preset} preset)\n")
+        print(md)
+    log.info("tables, plots and README written under %s", ctx.layout.results_root)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Every stale stage of dvc.yaml, in order, through the sweep's local executor; recorded with DVC."""
+    from benchmark.sweep import run_sweep_command
+
+    args.targets, args.runner, args.address, args.retries = [], "local", None, 0
+    args.cpus_per_task, args.gpus_per_task, args.env, args.log_dir = 1.0, 0, [], "results/logs"
+    args.dry_run = False
+    return run_sweep_command(args)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+STAGE_HELP = {
+    "fetch": "download (or generate) datasets into data/raw",
+    "embed": "caption features with the frozen text encoder",
+    "experts": "train expert trajectories",
+    "prepare": "build the artifacts the methods' requirements ask for (e.g. shortcut teachers)",
+    "full-data": "reference students trained on the whole training split",
+    "report": "tables, plots and results/README.md over the grid",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdd", description="mmdd-bench: multimodal dataset distillation benchmark")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list registered methods")
-    p = sub.add_parser("init-params", help="write params.yaml (the DVC pipeline's parameters) from a preset")
-    p.add_argument("--preset", default="quick", help="preset name or YAML path [quick]")
-    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("methods", help="list registered methods", description="list registered methods")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("init-params", help="write params.yaml and dvc.yaml from a preset",
+                       description="Resolve a preset (every method's parameters for every dataset and budget) into "
+                                   "params.yaml, and render the matching dvc.yaml.")
+    p.add_argument("--preset", default="quick", help="preset name (quick, paper, tiny) or a YAML path [quick]")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. -S grid.seeds=[0,1] (repeatable)")
     p.add_argument("--out", default="params.yaml", help="output path [params.yaml]")
-    p = sub.add_parser("ui", help="open the MLflow UI on the benchmark's tracking store")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="where to render the pipeline [dvc.yaml]")
+    p.add_argument("--no-dvc-yaml", action="store_true", help="write params.yaml only")
+    p.set_defaults(func=cmd_init_params)
+    p = sub.add_parser("ui", help="open the MLflow UI on the benchmark's tracking store",
+                       description="open the MLflow UI on the benchmark's tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on [5000]")
     p.add_argument("--results-root", default="results", help="results/ of the project whose store to open")
-    for name, text in (("fetch", "download (or generate) datasets into data/raw"),
-                       ("embed", "caption features with the frozen text encoder"),
-                       ("experts", "train expert trajectories"),
-                       ("shortcut", "build shortcut (straight-line) teachers from the expert trajectories"),
-                       ("full-data", "reference students trained on the whole training split"),
-                       ("report", "tables over the grid (mean ± std over seeds)"),
-                       ("bench", "run every stage of the preset: fetch → embed → experts → distill → evaluate → "
-                                 "report")):
+    p.set_defaults(func=cmd_ui)
+    for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
         if name == "experts":
             p.add_argument("--index", type=int, action="append", default=None,
                            help="train only these expert indices (for parallel workers)")
+        if name == "prepare":
+            p.add_argument("--method", action="append", default=None, help="method (repeatable) [grid.methods]")
+        p.set_defaults(func=cmd_report if name == "report" else per_dataset(name.replace("-", "_")))
     p = sub.add_parser("run-method", help="run one method for one cell and write its raw DistilledSet to "
-                       "--work-dir (no validation, no evaluation: what a container runner executes)")
+                       "--work-dir (no validation, no evaluation: what a container runner executes)",
+                       description="run one method for one cell (what a container runner executes)")
     _common(p)
-    p.add_argument("--method", required=True)
-    p.add_argument("--budget", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--method", required=True, help="method name")
+    p.add_argument("--budget", type=int, required=True, help="pairs")
+    p.add_argument("--seed", type=int, required=True, help="seed")
     p.add_argument("--work-dir", required=True, help="output directory (the only writable path in a container)")
-    for name, text in (("distill", "distil grid cells (method × budget × seed)"),
-                       ("evaluate", "evaluate distilled sets with fresh students on the test split")):
-        p = sub.add_parser(name, help=text, description=text)
-        _common(p)
-        _cell_args(p)
-        if name == "distill":
-            p.add_argument("--runner", default=os.environ.get("MMDD_RUNNER", "local"),
-                           help="where the method runs: local (this process) or docker (an isolated container; the "
-                                "harness validates its output) [$MMDD_RUNNER or local]")
+    p.set_defaults(func=cmd_run_method)
+    p = sub.add_parser("distill", help="distil grid cells (method × budget × seed)",
+                       description="distil grid cells (method × budget × seed)")
+    _common(p)
+    _cell_args(p)
+    p.add_argument("--runner", default=os.environ.get("MMDD_RUNNER", "local"),
+                   help="where the method runs: local (this process) or docker (an isolated container; the "
+                        "harness validates its output) [$MMDD_RUNNER or local]")
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("evaluate", help="evaluate distilled sets with fresh students on the test split",
+                       description="evaluate distilled sets with fresh students on the test split")
+    _common(p)
+    _cell_args(p)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("bench", help="bring every stage of dvc.yaml up to date, in order (recorded with DVC)",
+                       description="Run the stale stages of dvc.yaml through the local executor of `mmdd sweep`.")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="stages at a time [1]")
+    p.add_argument("--device", default=None, help="--device for the tensor stages, e.g. cuda [as dvc.yaml]")
+    p.add_argument("--project", default=".", help="project directory [.]")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_bench)
     from benchmark.entries import add_entry_commands
     from benchmark.sweep import add_sweep_command
 
     add_entry_commands(sub)
-    add_sweep_command(sub)
+    add_sweep_command(sub).set_defaults(func=_sweep)
     return parser
+
+
+def _sweep(args) -> int:
+    from benchmark.sweep import run_sweep_command
+
+    return run_sweep_command(args)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -85,141 +236,22 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _bench(args):
-    from benchmark.config import load_config
-    from benchmark.paths import Layout
-    from benchmark.pipeline import Bench
-
-    cfg = load_config(args.preset, args.overrides)
-    if args.dataset:
-        cfg.datasets = args.dataset
-    data_root = args.data_root or cfg.data.root
-    return Bench(cfg, Layout(Path(data_root).resolve(), Path(args.results_root).resolve()), args.device,
-                 progress=not args.no_progress)
-
-
-def _cells(bench, args):
-    g = bench.cfg.grid
-    methods = args.method or g.methods
-    budgets = args.budget or g.budgets
-    seeds = args.seed if args.seed is not None else g.seeds
-    return [(ds, m, b, s) for ds in bench.cfg.datasets for m in methods for b in budgets for s in seeds]
-
-
-def cmd_methods(args) -> int:
-    from benchmark.registry import available_methods, get_method
-
-    for name in available_methods():
-        cls = get_method(name)
-        doc = (cls.__doc__ or cls.__module__).strip().splitlines()[0]
-        print(f"{name:12s} {'(experts) ' if cls.needs_experts else ''}{doc}")
-    return 0
-
-
-def cmd_report(bench) -> int:
-    for ds, md in bench.report().items():
-        print(f"\n## {ds} ({bench.cfg.preset} preset)\n")
-        print(md)
-    log.info("tables, plots and README written under %s", bench.layout.results_root)
-    return 0
-
-
-def run_bench(bench) -> int:
-    """All stages in order, with the wall time of each."""
-    from benchmark.registry import get_method
-
-    times: dict[str, float] = {}
-
-    def timed(stage, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
-        return out
-
-    classes = [get_method(m) for m in bench.cfg.grid.methods]
-    needs_experts = any(c.needs_experts for c in classes)
-    needs_shortcuts = any(getattr(c, "needs_shortcuts", False) for c in classes)
-    for ds in bench.cfg.datasets:
-        timed("fetch", bench.fetch, ds)
-        timed("embed", bench.embed, ds)
-        if needs_experts:
-            timed("experts", bench.experts, ds)
-        if needs_shortcuts:
-            timed("shortcut", bench.shortcut, ds)
-    for cell in bench.cells():
-        timed("distill", bench.distill, *cell)
-    for cell in bench.cells():
-        timed("evaluate", bench.evaluate, *cell)
-    for ds in bench.cfg.datasets:
-        timed("full-data", bench.full_data, ds)
-    timed("report", cmd_report, bench)
-    print("\n| stage | seconds |\n|---|---|")
-    for stage, sec in times.items():
-        print(f"| {stage} | {sec:.1f} |")
-    print(f"| total | {sum(times.values()):.1f} |")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    func = getattr(args, "func", None)
+    if func is None:  # entry commands dispatch themselves
+        from benchmark.entries import run_entry_command
+
+        return run_entry_command(args)
     try:
-        if args.command == "methods":
-            return cmd_methods(args)
-        from benchmark.entries import ENTRY_COMMANDS, run_entry_command
-
-        if args.command in ENTRY_COMMANDS:
-            return run_entry_command(args)
-        if args.command == "init-params":
-            from benchmark.params import write_params
-
-            log.info("wrote %s", write_params(args.preset, args.out, args.overrides))
-            return 0
-        if args.command == "ui":
-            from benchmark.tracking import serve_ui, tracking_uri
-
-            return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port)
-        if args.command == "sweep":
-            from benchmark.sweep import run_sweep_command
-
-            return run_sweep_command(args)
-        bench = _bench(args)
-        if args.command == "fetch":
-            for ds in bench.cfg.datasets:
-                bench.fetch(ds)
-        elif args.command == "embed":
-            for ds in bench.cfg.datasets:
-                bench.embed(ds)
-        elif args.command == "experts":
-            for ds in bench.cfg.datasets:
-                bench.experts(ds, args.index)
-        elif args.command == "shortcut":
-            for ds in bench.cfg.datasets:
-                bench.shortcut(ds)
-        elif args.command == "full-data":
-            for ds in bench.cfg.datasets:
-                r = bench.full_data(ds)["protocols"]["strict"]["r_mean"]
-                log.info("%s full data: r_mean %.2f ± %.2f", ds, r["mean"], r["std"])
-        elif args.command == "distill":
-            for cell in _cells(bench, args):
-                bench.distill(*cell, force=args.force, runner=args.runner)
-        elif args.command == "run-method":
-            ds = bench.cfg.datasets[0]
-            bench.run_method(ds, args.method, args.budget, args.seed, Path(args.work_dir))
-        elif args.command == "evaluate":
-            for cell in _cells(bench, args):
-                res = bench.evaluate(*cell, force=args.force)
-                for proto, summary in res["protocols"].items():
-                    log.info("%s %s b=%d s=%d %s: r_mean %.2f ± %.2f", *cell, proto, summary["r_mean"]["mean"],
-                             summary["r_mean"]["std"])
-        elif args.command == "report":
-            return cmd_report(bench)
-        elif args.command == "bench":
-            return run_bench(bench)
-        return 0
+        return func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, FloatingPointError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Typed benchmark configuration: a preset YAML (``benchmark/presets/<name>.yaml`` or a path) plus dotted overrides.
+"""Typed benchmark configuration.
 
-Validation happens here, at the edge: unknown keys and bad values fail with a message naming the field and the fix.
+Two documents share these sections: a *preset* (``benchmark/presets/<name>.yaml`` or a path), whose ``methods.<m>``
+holds overrides applied to every cell, and *params.yaml*, written from a preset by ``mmdd init-params``, whose
+``methods.<m>.<dataset>.b<budget>`` holds every cell's fully resolved parameters — the one document every stage
+reads. Validation happens here, at the edge: unknown keys and bad values fail with a message naming the field and
+the fix.
 """
 
 from __future__ import annotations
@@ -47,18 +51,6 @@ class FullDataConfig:
 
 
 @dataclass
-class ShortcutConfig:
-    """Segments ``[start, end]`` of the expert trajectories turned into shortcut (straight-line) teachers."""
-
-    segments: list[list[int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for seg in self.segments:
-            if len(seg) != 2 or not 0 <= seg[0] < seg[1]:
-                raise ValueError(f"shortcut.segments entries must be [start, end] with 0 <= start < end, got {seg}")
-
-
-@dataclass
 class TrackingConfig:
     """MLflow: ``uri`` empty = ``MLFLOW_TRACKING_URI`` or the project's absolute sqlite store."""
 
@@ -69,31 +61,34 @@ class TrackingConfig:
 
 @dataclass
 class GridConfig:
-    """The grid. ``groups`` (written by ``mmdd init-params``) splits ``methods`` by what their DVC stage depends
-    on: ``plain`` (training data only), ``experts`` (+ expert trajectories), ``shortcut`` (+ shortcut teachers)."""
+    """The grid: every (dataset, method, budget, seed) is one cell."""
 
     methods: list[str] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
-    groups: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if any(b <= 0 for b in self.budgets):
+        if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in self.budgets):
             raise ValueError(f"grid.budgets must be positive pair counts, got {self.budgets}")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise ValueError(f"grid.seeds must be non-negative integers, got {self.seeds}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"grid.methods lists a method twice: {self.methods}")
 
-    def check_groups(self) -> None:
-        if self.groups:
-            grouped = sorted(m for ms in self.groups.values() for m in (ms or []))
-            if grouped != sorted(self.methods):
-                raise ValueError(f"grid.groups {self.groups} must partition grid.methods {self.methods}: "
-                                 "rerun `mmdd init-params`")
+
+def budget_key(budget: int) -> str:
+    """The key of a budget under ``methods.<m>.<dataset>`` in params.yaml."""
+    return f"b{budget}"
 
 
 @dataclass
 class BenchConfig:
-    """A whole benchmark configuration (one preset)."""
+    """A whole benchmark configuration. ``profile`` names the methods' default set that ``mmdd init-params``
+    resolved (the preset's name unless the preset says otherwise); ``methods`` maps method → dataset →
+    ``b<budget>`` → the cell's resolved parameters."""
 
     preset: str
+    profile: str
     datasets: list[str]
     data: DataConfig
     text_encoder: str
@@ -103,13 +98,18 @@ class BenchConfig:
     full_data: FullDataConfig
     grid: GridConfig
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Per-dataset paper settings (e.g. tower, budgets) live in method defaults; this maps dataset -> extra fields.
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    methods: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    # limits of a method run in a container (benchmark.runners.spec.SandboxLimits fields); none change a result
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
-    def method_overrides(self, method: str) -> dict[str, Any]:
-        return dict(self.methods.get(method, {}) or {})
+    def cell_params(self, method: str, dataset: str, budget: int) -> dict[str, Any]:
+        """The resolved parameters of one cell; a clear error when params.yaml lacks them."""
+        try:
+            return dict(self.methods[method][dataset][budget_key(budget)])
+        except (KeyError, TypeError):
+            raise ValueError(f"params.yaml has no methods.{method}.{dataset}.{budget_key(budget)}: rerun "
+                             f"`mmdd init-params --preset {self.preset}` (with your -S overrides) so every grid "
+                             "cell has its resolved parameters") from None
 
 
 def _build(cls, doc: Any, where: str):
@@ -134,8 +134,8 @@ def _build(cls, doc: Any, where: str):
 
 _SUBSECTIONS = {(DataConfig, "shapes"): ShapesConfig}
 _SECTIONS = {"data": DataConfig, "student": StudentConfig, "experts": ExpertConfig, "eval": EvalConfig,
-             "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig,
-             "shortcut": ShortcutConfig}
+             "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig}
+PARAMS_FILE = "params.yaml"
 
 
 def available_presets() -> list[str]:
@@ -163,22 +163,56 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str] | None) -> dict[st
     return doc
 
 
-def load_config(preset: str = "quick", overrides: list[str] | None = None) -> BenchConfig:
-    """Load a preset by name (see :func:`available_presets`) or YAML path, then apply dotted overrides."""
+def preset_path(preset: str) -> Path:
+    """The YAML file of a preset name or path; an unknown name is an error listing the choices."""
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{preset}.yaml"
     if not path.exists():
         raise ValueError(f"unknown preset {preset!r}: choose one of {available_presets()} or pass a YAML path")
-    doc = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
-    return config_from_dict(doc)
+    return path
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; a parse error names the file and the line instead of a traceback."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where} is not valid YAML ({getattr(exc, 'problem', exc)}): fix the file") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} must hold a YAML mapping of config sections")
+    return doc
+
+
+def load_preset(preset: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A preset's document (``methods.<m>`` = flat overrides) with dotted overrides applied; not yet resolved."""
+    return apply_overrides(read_yaml(preset_path(preset)), overrides)
+
+
+def load_config(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> BenchConfig:
+    """Load a resolved params document (``params.yaml`` written by ``mmdd init-params``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: write it with `mmdd init-params --preset <name>` "
+                         f"(presets: {available_presets()})")
+    doc = apply_overrides(read_yaml(path), overrides)
+    cfg = config_from_dict(doc)
+    for m in cfg.grid.methods:
+        for ds in cfg.datasets:
+            for b in cfg.grid.budgets:
+                cfg.cell_params(m, ds, b)  # every cell resolved, or a clear error now
+    return cfg
 
 
 def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
-    """Validate a configuration mapping into a :class:`BenchConfig`."""
+    """Validate a configuration mapping into a :class:`BenchConfig` (``methods`` is taken as given)."""
     from benchmark.data.datasets import DATASETS
 
-    top = {"preset", "datasets", "text_encoder", "methods", *_SECTIONS}
+    top = {"preset", "profile", "datasets", "text_encoder", "methods", "sandbox", *_SECTIONS}
     unknown = sorted(set(doc) - top)
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; valid keys: {sorted(top)}")
@@ -191,7 +225,6 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
 
     for m in sections["grid"].methods:
         get_method(m)  # unknown names fail here, naming the registered choices
-    sections["grid"].check_groups()
     from benchmark.encoders.text import text_encoder_dim
 
     encoder = doc.get("text_encoder", "minilm")
@@ -199,6 +232,10 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
     student.text_dim = text_encoder_dim(encoder)
     methods = doc.get("methods") or {}
     if not isinstance(methods, dict):
-        raise ValueError("config key 'methods' must map method names to parameter overrides")
-    return BenchConfig(preset=str(doc.get("preset", "custom")), datasets=datasets, text_encoder=encoder,
-                       methods=methods, raw=doc, **sections)
+        raise ValueError("config key 'methods' must map method names to parameters")
+    sandbox = doc.get("sandbox") or {}
+    if not isinstance(sandbox, dict):
+        raise ValueError("config key 'sandbox' must map SandboxLimits fields to values (docs/security.md)")
+    preset = str(doc.get("preset", "custom"))
+    return BenchConfig(preset=preset, profile=str(doc.get("profile") or preset), datasets=datasets,
+                       text_encoder=encoder, methods=methods, sandbox=dict(sandbox), **sections)

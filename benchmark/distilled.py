@@ -1,11 +1,11 @@
-"""DistilledSet: what every method returns and the only thing evaluation sees (DESIGN §3).
+"""DistilledSet: what every method returns and the only thing evaluation sees (docs/protocols.md#the-distilledset).
 
 Saved as ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (phases' scalars, method, params, budget, dataset,
 encoder, seed, versions). The JSON is written last, so its presence marks a complete set. No pickle.
 
 A set may ask three things of the harness's evaluation, each bounded by :class:`EvalBounds` in :meth:`validate`:
 per-phase learning rates (``lr_img``, ``lr_txt``), per-phase epochs (else ``eval.epochs``), and the training loss
-(``meta["loss"]``, one of :data:`benchmark.losses.LOSSES`), plus the phases' target similarities. Everything else
+(``loss``, one of :data:`benchmark.losses.LOSSES`), plus the phases' target similarities. Everything else
 (students, batch size, momentum, weight decay, the lr drop, batching, eval_every, protocols, model selection,
 seeds) comes from the harness's configuration only.
 """
@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmark.io import atomic_path, write_tensors
+from benchmark.constants import SIMILARITY_KINDS
 
-SIMILARITY_KINDS = ("none", "full", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,12 @@ class Phase:
 
 @dataclass
 class DistilledSet:
-    """An ordered list of phases plus provenance metadata."""
+    """An ordered list of phases, the loss evaluation students train with (one of
+    :data:`benchmark.losses.LOSSES`), plus provenance metadata."""
 
     phases: list[Phase]
     meta: dict[str, Any] = field(default_factory=dict)
+    loss: str = "ce"
 
     @property
     def pairs(self) -> int:
@@ -170,9 +172,8 @@ class DistilledSet:
     def _validate_loss(self) -> None:
         from benchmark.losses import LOSSES
 
-        loss = self.meta.get("loss", "ce")
-        if not isinstance(loss, str) or loss not in LOSSES:
-            raise InvalidDistilledSet(f"rule 'loss': meta.loss={loss!r} is not one of {sorted(LOSSES)}")
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise InvalidDistilledSet(f"rule 'loss': loss={self.loss!r} is not one of {sorted(LOSSES)}")
 
     def _validate_epochs(self, bounds: EvalBounds) -> None:
         total = 0
@@ -197,7 +198,7 @@ class DistilledSet:
         st_path, js_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
         write_tensors(st_path, tensors)
         doc = {"format": "mmdd-distilled-set", "version": 1, "pairs": self.pairs, "bytes": self.nbytes,
-               "phases": [p.scalars() for p in self.phases], "meta": self.meta}
+               "loss": self.loss, "phases": [p.scalars() for p in self.phases], "meta": self.meta}
         with atomic_path(js_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
         return st_path, js_path
@@ -226,4 +227,4 @@ class DistilledSet:
                                 similarity=sc.get("similarity", "none"), sim_full=get("sim_full"),
                                 sim_a=get("sim_a"), sim_l=get("sim_l"), sim_r=get("sim_r"),
                                 sim_alpha=sc.get("sim_alpha", 1.0), epochs=sc.get("epochs")))
-        return cls(phases, doc.get("meta", {}))
+        return cls(phases, doc.get("meta", {}), doc.get("loss", "ce"))

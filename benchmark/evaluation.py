@@ -1,15 +1,15 @@
-"""Harness-owned evaluation (DESIGN §3): train fresh students on a DistilledSet, then measure test retrieval.
+"""Harness-owned evaluation (docs/protocols.md#protocols): train fresh students on a DistilledSet, then measure test retrieval.
 
 Protocols:
 - ``strict`` (default): a fixed number of epochs per phase; with ``select="final"`` the last model is tested once,
   with ``select="val"`` the epoch is chosen on the *val* split (every ``eval_every`` epochs) and test is read once.
 - ``paper``: the published protocol, best r_mean over test evaluations every ``eval_every`` epochs (selection on
-  test; REFERENCE_METHODS §5.3). Only for comparison with published numbers; tables label it.
+  test; docs/protocols.md#paper-protocol). Only for comparison with published numbers; tables label it.
 
 Several protocols are computed from the same student training (``EvalConfig.protocols``).
 
 Phases are trained in order, each with its own learned learning rates and its own optimiser and step schedule
-(×0.1 after half of the phase's epochs), unlike the PTM reference's shared scheduler (§7.6).
+(×0.1 after half of the phase's epochs), unlike the PTM reference's shared scheduler (docs/methods.md#known-bugs-of-the-reference-code, B6).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ METRIC_KEYS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean")
 
 @dataclass
 class EvalConfig:
-    """How evaluation students are trained (defaults: LoRS/PTM students, REFERENCE_METHODS §5.1)."""
+    """How evaluation students are trained (defaults: LoRS/PTM students, docs/protocols.md#evaluation-settings)."""
 
     students: int = 5
     epochs: int = 100
@@ -107,7 +107,7 @@ def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, s
     with seeded(seed):  # dropout masks come from the global generator
         model = model if model is not None else build_student(student, seed=seed, device=device)
         gen = torch.Generator().manual_seed(seed)
-        loss = dset.meta.get("loss", "ce")
+        loss = dset.loss
         for k, phase in enumerate(dset.phases):
             x_all, t_all, s_all = phase.images, phase.texts, phase.target_similarity()
 

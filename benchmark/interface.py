@@ -1,4 +1,5 @@
-"""The method interface (DESIGN §3): what a method receives (:class:`DistillTask`) and must return (a DistilledSet)."""
+"""The method interface (docs/architecture.md#the-method-contract): what a method declares (its defaults per
+profile and its requirements), what it receives (:class:`DistillTask`) and what it must return (a DistilledSet)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file
 
 from benchmark.distilled import DistilledSet
-from benchmark.experts.store import ExpertCollection
 from benchmark.io import atomic_path, write_tensors
 from benchmark.models.student import DualEncoder, StudentConfig, build_student
+from benchmark.requirements import EXPERTS, Requirement
+
+if TYPE_CHECKING:
+    from benchmark.experts.store import ExpertCollection
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +57,45 @@ class MetricLogger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-class JsonlLogger:
-    """Appends ``{"step": s, **metrics}`` lines to a file (and keeps them in memory)."""
+# Per-iteration measurements of the machine, not of the computation: kept out of the hashed log.
+VOLATILE_KEYS = frozenset({"sec_per_iter", "teacher_io_s", "peak_mem_mb", "mem_base_mb"})
 
-    def __init__(self, path: str | Path | None = None):
+
+class JsonlLogger:
+    """Appends ``{"step": s, **metrics}`` lines to ``path`` (and keeps them in memory).
+
+    Keys in :data:`VOLATILE_KEYS` (timings, memory) go to ``volatile_path`` instead, so the log itself is a pure
+    function of the computation. :meth:`truncate` drops records past a resumed checkpoint, so a resumed run's log
+    holds every iteration exactly once."""
+
+    def __init__(self, path: str | Path | None = None, volatile_path: str | Path | None = None):
         self.path = Path(path) if path else None
+        self.volatile_path = Path(volatile_path) if volatile_path else None
         self.records: list[dict[str, float]] = []
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        for p in (self.path, self.volatile_path):
+            if p:
+                p.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         rec = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self.records.append(rec)
-        if self.path:
-            with self.path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        stable = {k: v for k, v in rec.items() if k not in VOLATILE_KEYS}
+        volatile = {k: v for k, v in rec.items() if k in VOLATILE_KEYS}
+        for path, row in ((self.path, stable), (self.volatile_path, volatile)):
+            if path and (row is stable or volatile):
+                with path.open("a") as f:
+                    f.write(json.dumps({"step": rec["step"], **row} if row is volatile else row, sort_keys=True)
+                            + "\n")
+
+    def truncate(self, last_step: int) -> None:
+        """Keep only records with ``step <= last_step`` (0: start afresh)."""
+        self.records = [r for r in self.records if r["step"] <= last_step]
+        for path in (self.path, self.volatile_path):
+            if path and path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= last_step]
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(line + "\n" for line in kept))
 
 
 class Checkpointer:
@@ -119,7 +147,8 @@ class Checkpointer:
 
 @dataclass
 class DistillTask:
-    """Everything a method may use. Methods never see the val or test split."""
+    """Everything a method may use. Methods never see the val or test split, and read their hyperparameters only
+    from ``params`` (the cell's fully resolved ``methods.<name>.<dataset>.b<budget>`` entry of params.yaml)."""
 
     train: TrainData
     student: StudentConfig
@@ -128,11 +157,10 @@ class DistillTask:
     params: dict[str, Any]
     device: str | torch.device = "cpu"
     experts: ExpertCollection | None = None
-    shortcuts: Path | None = None  # root of shortcut teachers: <root>/shortcut_s<start>_e<end>/
+    prepared: Path | None = None  # data/prepared/<dataset>/<method>/: one sub-directory per Requirement.id
     logger: MetricLogger = field(default_factory=JsonlLogger)
     checkpoint: Checkpointer = field(default_factory=lambda: Checkpointer(None))
     dataset: str = ""
-    preset: str = "quick"
 
     def make_student(self, seed: int | None = None) -> DualEncoder:
         """A fresh student on the task's device."""
@@ -140,34 +168,81 @@ class DistillTask:
 
     def require_experts(self, method: str) -> ExpertCollection:
         if self.experts is None:
-            raise RuntimeError(f"method {method!r} needs expert trajectories: run `mmdd experts` first")
+            raise RuntimeError(f"method {method!r} needs expert trajectories: declare Requirement('experts') in its "
+                               "requirements() and run `mmdd experts` first")
         return self.experts
+
+    def prepared_dir(self, requirement: Requirement) -> Path | None:
+        """Where the ``prepare`` stage built ``requirement`` (None when the task has no prepared root)."""
+        if self.prepared is None:
+            return None
+        path = self.prepared / requirement.id
+        if not path.is_dir():
+            raise FileNotFoundError(f"{requirement.kind} artifact {requirement.id!r} is not in {self.prepared}: the "
+                                    "method's requirements() must list it, then run `mmdd prepare`")
+        return path
+
+
+ANY_PROFILE = "*"
 
 
 class Method:
-    """Base class of a distillation method. Subclasses set ``name`` and implement :meth:`distill`.
+    """Base class of a distillation method. Subclasses implement :meth:`distill` and register through the
+    ``mmdd.methods`` entry-point group (in-tree methods too: see ``pyproject.toml``).
 
-    ``defaults`` maps a preset name to default hyperparameters; :meth:`default_params` may refine them by dataset
-    and budget. Unknown override keys are rejected so typos fail loudly.
+    ``defaults`` maps a *profile* (``quick``, ``paper``, ``tiny``, ...; ``"*"`` = every profile) to default
+    hyperparameters; :meth:`default_params` may refine them by dataset and budget. These are read only by
+    ``mmdd init-params``, which writes the resolved values into params.yaml; a method reads ``task.params`` only.
+    An unknown profile is an error, never a silent fallback. The first line of the class docstring is the
+    method's one-line description (``mmdd methods``).
     """
 
     name: ClassVar[str] = ""
-    needs_experts: ClassVar[bool] = False
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def default_params(cls, preset: str, dataset: str, budget: int) -> dict[str, Any]:
-        return dict(cls.defaults.get(preset, cls.defaults.get("quick", {})))
+    def description(cls) -> str:
+        """First line of the class docstring, else of its module's docstring."""
+        import sys
+
+        for doc in (cls.__doc__, getattr(sys.modules.get(cls.__module__), "__doc__", None)):
+            if doc and doc.strip() and doc is not Method.__doc__:
+                return doc.strip().splitlines()[0]
+        return cls.__module__
 
     @classmethod
-    def resolve_params(cls, preset: str, dataset: str, budget: int,
+    def profiles(cls) -> list[str]:
+        return sorted(cls.defaults)
+
+    @classmethod
+    def default_params(cls, profile: str, dataset: str, budget: int) -> dict[str, Any]:
+        if profile in cls.defaults:
+            return dict(cls.defaults[profile])
+        if ANY_PROFILE in cls.defaults:
+            return dict(cls.defaults[ANY_PROFILE])
+        raise ValueError(f"method {cls.name!r} has no defaults for profile {profile!r} (it knows "
+                         f"{cls.profiles()}): add them to its `defaults`, or set every parameter under "
+                         f"methods.{cls.name} in the preset")
+
+    @classmethod
+    def resolve_params(cls, profile: str, dataset: str, budget: int,
                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        params = cls.default_params(preset, dataset, budget)
+        """Defaults for (profile, dataset, budget) with ``overrides`` applied; unknown override keys fail."""
+        params = cls.default_params(profile, dataset, budget)
         for key, value in (overrides or {}).items():
             if key not in params:
                 raise ValueError(f"method {cls.name!r} has no parameter {key!r}; known: {sorted(params)}")
             params[key] = value
         return params
+
+    @classmethod
+    def requirements(cls, params: dict[str, Any], budget: int) -> list[Requirement]:
+        """What the method needs besides the training pairs, derived from its own resolved ``params``."""
+        return []
+
+    @classmethod
+    def needs_experts(cls, params: dict[str, Any], budget: int) -> bool:
+        return any(r.kind == EXPERTS for r in cls.requirements(params, budget))
 
     def distill(self, task: DistillTask) -> DistilledSet:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Contrastive losses over a logit matrix ``Z = s·cos`` and an optional target similarity ``S`` (REFERENCE_METHODS §4.2.2).
+"""Contrastive losses over a logit matrix ``Z = s·cos`` and an optional target similarity ``S`` (docs/methods.md#losses).
 
 One implementation serves expert training, evaluation students and every distillation method. ``S=None`` means the
 identity (each image matches its own caption).

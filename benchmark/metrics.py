@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics (REFERENCE_METHODS §5.2), vectorised.
+"""Image-text retrieval metrics (docs/protocols.md#retrieval-metrics), vectorised.
 
 Conventions
 -----------

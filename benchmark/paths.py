@@ -5,7 +5,7 @@ Stage outputs never nest inside each other (DVC requires disjoint outputs)::
     data/raw/<ds>/                         fetch: annotations/ + images
     data/features/<ds>/<encoder>/<split>.safetensors
     data/experts/<ds>/<tower>-<encoder>/expert_000.safetensors ...
-    data/shortcuts/<ds>/<tower>-<encoder>/shortcut_s<start>_e<end>/
+    data/prepared/<ds>/<method>/<requirement id>/   prepare: what a method's requirements ask for
     results/cells/<preset>/<ds>/<method>/b<budget>/s<seed>/
 """
 
@@ -41,9 +41,9 @@ class Layout:
     def experts(self, ds: str, tower: str, encoder: str) -> Path:
         return self.data_root / "experts" / ds / f"{tower}-{_safe(encoder)}"
 
-    def shortcuts(self, ds: str, tower: str, encoder: str) -> Path:
-        """Root of the shortcut teachers of one expert set (one sub-directory per segment)."""
-        return self.data_root / "shortcuts" / ds / f"{tower}-{_safe(encoder)}"
+    def prepared(self, ds: str, method: str) -> Path:
+        """Root of the artifacts prepared for one method (one sub-directory per requirement)."""
+        return self.data_root / "prepared" / ds / method
 
     def cell(self, preset: str, ds: str, method: str, budget: int, seed: int) -> Path:
         return self.results_root / "cells" / preset / ds / method / f"b{budget}" / f"s{seed}"

@@ -8,14 +8,6 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch's default generators; return a CPU generator seeded with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def derive_seed(*parts: int | str) -> int:
     """A stable 63-bit seed from a tuple of ints/strings (independent of PYTHONHASHSEED)."""
     import hashlib

@@ -15,6 +15,7 @@ import os
 import subprocess
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -188,3 +189,28 @@ def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
     cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     log.info("MLflow UI at http://%s:%d (store %s)", host, port, uri)
     return subprocess.call(cmd)
+
+
+def cell_record(cfg, cell, key: str, res: dict[str, Any], method_params: dict[str, Any],
+                history: list[dict[str, float]], volatile: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow schema of one evaluated cell: experiment, run name, params, tags, metrics and per-student values
+    (``cfg`` a BenchConfig, ``cell`` a stages.cells.Cell, ``res`` the cell's metrics.json)."""
+    metrics: dict[str, float] = {"pairs": res["pairs"], "bytes": res["bytes"]}
+    for proto, summary in res["protocols"].items():
+        prefix = "test" if proto == "strict" else f"test_{proto}"
+        metrics |= {f"{prefix}.{k}": v["mean"] for k, v in summary.items() if isinstance(v, dict)}
+        metrics |= {f"{prefix}.{k}_std": v["std"] for k, v in summary.items() if isinstance(v, dict)}
+    for name, value in volatile.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[name] = float(value)
+    params = {"method": cell.method, "budget": cell.budget, "seed": cell.seed, "dataset": cell.dataset,
+              "method_params": method_params, "eval": asdict(cfg.eval),
+              "student": {"tower": cfg.student.tower, "temperature": cfg.student.temperature},
+              "text_encoder": cfg.text_encoder}
+    tags = {"mmdd.preset": cfg.preset, "mmdd.protocol": ",".join(cfg.eval.protocols), "mmdd.method": cell.method,
+            "mmdd.budget": cell.budget, "mmdd.seed": cell.seed, "mmdd.dataset": cell.dataset, "mmdd.stage": "evaluate"}
+    students = [{f"{proto}.{k}": v for proto, summary in res["protocols"].items()
+                 for k, v in summary["students"][i].items()} for i in range(cfg.eval.students)]
+    return {"experiment": f"{cfg.tracking.experiment_prefix}-{cell.dataset}",
+            "run_name": f"{cell.method}/b{cell.budget}/s{cell.seed}", "cell_key": key, "params": params, "tags": tags,
+            "metrics": metrics, "history": history, "students": students}

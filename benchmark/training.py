@@ -18,7 +18,7 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator, drop_last
 
     ``partition``: a fresh permutation cut into consecutive batches (the last one partial unless ``drop_last``).
     ``overlap``: ceil(n / b) batches, each the first b entries of a fresh permutation (the LoRS/PTM evaluation
-    sampler, REFERENCE_METHODS §5.1; batches overlap and some pairs are skipped).
+    sampler, docs/protocols.md#training-a-student-on-a-distilledset; batches overlap and some pairs are skipped).
     """
     if mode == "partition":
         perm = torch.randperm(n, generator=generator)

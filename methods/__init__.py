@@ -1,7 +1,2 @@
-"""Registered distillation methods. Importing this package registers every in-tree method."""
-
-from methods import coresets  # noqa: F401
-from methods import mtt_vl  # noqa: F401
-from methods import tesla_vl  # noqa: F401
-from methods import lors  # noqa: F401
-from methods import ptm_st  # noqa: F401
+"""In-tree distillation methods. Each registers through the ``mmdd.methods`` entry-point group in
+``pyproject.toml`` (the same path as an external package); importing this package registers nothing."""

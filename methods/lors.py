@@ -1,11 +1,11 @@
-"""``lors``: LoRS (REFERENCE_METHODS §4.2) = engine(unroll=tesla, similarity=lowrank(r, α), loss=wbce, raw).
+"""``lors``: LoRS (docs/methods.md#lors) = engine(unroll=tesla, similarity=lowrank(r, α), loss=wbce, raw).
 
 Images, caption features, the inner learning rates and a low-rank target similarity S = diag(a) + (α/r)·L Rᵀ
 (init I) are distilled with the TESLA detached-chain gradient and the weighted BCE loss.
 
 Presets:
 
-* ``paper`` — the rows of the published scripts (§4.2.4), per dataset and budget: batch b, start window, lr_img =
+* ``paper`` — the rows of the published scripts (docs/methods.md#lors-hyperparameters), per dataset and budget: batch b, start window, lr_img =
   lr_txt, lr_lr, lr_sim, rank, α, merged normalisation for COCO, iterations; η0 = 0.1, all momenta 0.5, P = 8,
   E = 1. Unknown datasets use Flickr30k's rows, unknown budgets the nearest row. Differences from the scripts,
   each reproducible by a ``bug_compat`` flag: exact budgets N (the scripts distil N−1: ``n_minus_one``); the
@@ -22,28 +22,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from benchmark.registry import register_method
 from methods.matching import ENGINE_DEFAULTS, MatchingMethod, nearest_row
-
-# (b, max_start, lr_img=lr_txt, lr_sim, rank, alpha, merged, iterations) per dataset and nominal budget
-LORS_ROWS: dict[str, dict[int, tuple]] = {
-    "flickr30k": {100: (20, 2, 100.0, 10.0, 10, 3.0, False, 3000),
-                  200: (20, 2, 1000.0, 10.0, 5, 1.0, False, 3000),
-                  500: (40, 3, 1000.0, 100.0, 20, 0.01, False, 3000)},
-    "coco": {100: (20, 2, 1000.0, 5.0, 10, 1.0, True, 3000),
-             200: (20, 2, 1000.0, 50.0, 20, 1.0, True, 2000),
-             500: (30, 2, 5000.0, 500.0, 40, 1.0, True, 3000)},
-}
-
-
-def row_params(row: tuple) -> dict[str, Any]:
-    b, max_start, lr, lr_sim, rank, alpha, merged, iters = row
-    return {"unroll": "tesla", "similarity": "lowrank", "loss": "wbce", "sim_rank": rank, "sim_alpha": alpha,
-            "normalize": "merged" if merged else "separate", "syn_steps": 8, "expert_epochs": 1, "batch_size": b,
-            "start_window": [0, max_start], "lr_img": lr, "lr_txt": lr, "lr_lr": 1e-2, "lr_sim": lr_sim,
-            "lr_init_img": 0.1, "lr_init_txt": 0.1, "momentum": 0.5, "momentum_lr": 0.5, "momentum_sim": 0.5,
-            "iterations": iters, "checkpoint_every": 100}
-
+from methods.published_rows import LORS_ROWS, row_params
 
 # Tuned on shapes (budget 50, seed 0; eval: quick preset students): r_mean 4.7 vs 1.9 for the random coreset.
 QUICK: dict[str, Any] = {
@@ -53,8 +33,10 @@ QUICK: dict[str, Any] = {
 }
 
 
-@register_method("lors")
 class LoRS(MatchingMethod):
+    """LoRS: TESLA-style matching with a learned low-rank target similarity and the weighted BCE loss."""
+
+    name = "lors"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK, "paper": {},
                                                       "tiny": dict(QUICK, syn_steps=2, iterations=3, batch_size=5)}
 

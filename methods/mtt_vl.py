@@ -1,4 +1,4 @@
-"""``mtt-vl``: MTT-VL (REFERENCE_METHODS §4.1) = engine(unroll=full, similarity=none, loss=ce, teacher=raw).
+"""``mtt-vl``: MTT-VL (docs/methods.md#mtt-vl) = engine(unroll=full, similarity=none, loss=ce, teacher=raw).
 
 Images, caption features and both inner learning rates are distilled by matching P unrolled student steps to one
 expert epoch, differentiating through the whole unroll (second order). ``full_impl=adjoint`` computes exactly that
@@ -9,8 +9,8 @@ Presets:
 * ``paper`` — the README command of the reference (Flickr30k, 100 pairs): P=8, E=1, start epochs {0, 1},
   lr_img = lr_txt = 1000, lr_lr = 0.01, η0 = 0.1, outer momentum 0.5, batch = all pairs (b = N) up to 100.
   No other budget or dataset was published; the same values are used for them. The reference default of 50,000
-  iterations is impractical (§7.28); 3,000 (LoRS's count) is used. The reference inner loop uses the logit scale
-  log(1/τ) = 2.66 (bug §7.2): off here, ``bug_compat.mtt_logit_scale=true`` reproduces it. Exact budgets by default;
+  iterations is impractical (B28); 3,000 (LoRS's count) is used. The reference inner loop uses the logit scale
+  log(1/τ) = 2.66 (bug B2): off here, ``bug_compat.mtt_logit_scale=true`` reproduces it. Exact budgets by default;
   ``bug_compat.n_minus_one`` distils N−1 pairs.
 * ``quick`` — P = 4, b = 25 (not N: one graph over P steps of all pairs is what a full unroll costs), lr_img =
   lr_txt = 100, lr_lr = 0.01, 40 iterations, ``full_impl=graph``. Test r_mean (quick evaluation, seed 1): 5.3 / 6.2
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from benchmark.registry import register_method
 from methods.matching import ENGINE_DEFAULTS, MatchingMethod
 
 # b = 25 rather than b = N keeps the quick cell within budget (one graph over P steps of N pairs is the cost).
@@ -39,8 +38,10 @@ PAPER: dict[str, Any] = {
 }
 
 
-@register_method("mtt-vl")
 class MTTVL(MatchingMethod):
+    """MTT-VL: matching through the whole unrolled inner loop (second order), CLIP loss."""
+
+    name = "mtt-vl"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK, "paper": PAPER,
                                                       "tiny": dict(QUICK, syn_steps=2, iterations=3, batch_size=5)}
 

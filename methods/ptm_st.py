@@ -1,4 +1,4 @@
-"""``ptm-st``: PTM-ST (REFERENCE_METHODS §4.3) = engine(unroll=tesla, similarity=full, loss=wbce,
+"""``ptm-st``: PTM-ST (docs/methods.md#ptm-st) = engine(unroll=tesla, similarity=full, loss=wbce,
 teacher=shortcut, 2 phases, EMA 0.99).
 
 The budget is split into phases distilled one after another, each from fresh real pairs with its own η, S and
@@ -8,12 +8,12 @@ its own learned learning rates (evaluation trains them in order).
 
 Presets:
 
-* ``paper`` (§4.3.5) — Flickr30k/COCO: phase 0 against ``shortcut(0, 5)`` (PTM's ``convexified_0_6``, whose END is
+* ``paper`` (docs/methods.md#ptm-st-hyperparameters) — Flickr30k/COCO: phase 0 against ``shortcut(0, 5)`` (PTM's ``convexified_0_6``, whose END is
   exclusive) with starts [0, 2); phase 1 against ``shortcut(0, 7)`` (``convexified_0_8``) with starts [1, 3);
   2,000 iterations per phase (the scripts run 2,001), P = 8, E = 1, lr_img = lr_txt = 1000, lr_lr = 0.01, η0 = 0.1,
   momenta 0.5, lr_sim 10 (Flickr) / 50 (COCO), b = 40 for Flickr-500 else 20, separate normalisation, τ = 0.07.
   Pairs per phase: 500 → 200 + 300, 200 → 100 + 100, 100 → 100 in one phase (the published 100-pair scripts
-  crash after their first phase, §7.9, so only a single 99-pair phase produced their numbers). With
+  crash after their first phase, B9, so only a single 99-pair phase produced their numbers). With
   ``bug_compat.n_minus_one`` the splits are the published 200 + 299, 99 + 100 and 99. Other budgets: two phases
   of 40 % / 60 %.
 * ``quick`` — two phases (40 % / 60 % of the budget) against ``shortcut(0, 3)`` with starts [0, 2) and
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from benchmark.registry import register_method
 from methods.matching import ENGINE_DEFAULTS, MatchingMethod
 
 
@@ -56,21 +55,24 @@ QUICK_SEGMENTS = ("shortcut(0, 3)", [0, 2], "shortcut(0, 4)", [1, 3])
 TINY_SEGMENTS = ("shortcut(0, 2)", [0, 1], "shortcut(0, 2)", [1, 2])
 
 
-@register_method("ptm-st")
 class PTMST(MatchingMethod):
-    needs_shortcuts: ClassVar[bool] = True
+    """PTM-ST: phased teachers with shortcut (straight-line) trajectories, EMA of the distilled tensors."""
+
+    name = "ptm-st"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK, "paper": {},
                                                       "tiny": dict(QUICK, syn_steps=2, iterations=2, batch_size=4)}
+    segments: ClassVar[dict[str, tuple]] = {"quick": QUICK_SEGMENTS, "tiny": TINY_SEGMENTS}
 
     @classmethod
-    def default_params(cls, preset: str, dataset: str, budget: int) -> dict[str, Any]:
-        if preset == "paper":
-            return cls.paper_params(dataset, budget)
-        base = cls.defaults.get(preset, cls.defaults["quick"])
-        t0, w0, t1, w1 = TINY_SEGMENTS if preset == "tiny" else QUICK_SEGMENTS
+    def default_params(cls, profile: str, dataset: str, budget: int) -> dict[str, Any]:
+        params = super().default_params(profile, dataset, budget)
+        if profile == "paper":
+            return params
+        t0, w0, t1, w1 = cls.segments[profile]
         first = max(1, round(0.4 * budget))
-        return {**ENGINE_DEFAULTS, **base, "batch_size": max(1, min(base["batch_size"], first, budget - first)),
-                "phases": two_phases(first, None, t0, w0, t1, w1)}
+        params["batch_size"] = max(1, min(params["batch_size"], first, budget - first))
+        params["phases"] = two_phases(first, None, t0, w0, t1, w1)
+        return params
 
     @classmethod
     def paper_params(cls, dataset: str, budget: int) -> dict[str, Any]:

@@ -67,12 +67,12 @@ def image_if_available() -> str | None:
 
 def cell_spec(bench, method: str, work_dir: Path, budget: int = 10, seed: int = 0, ds: str = "shapes",
               limits=None):
-    """The CellSpec ``Bench.distill`` hands a runner, for driving a runner (or its probe) directly."""
+    """The CellSpec the distill stage hands a runner, for driving a runner (or its probe) directly."""
     from benchmark.runners.inputs import train_mounts
     from benchmark.runners.spec import CellSpec, SandboxLimits, config_document
 
     return CellSpec(dataset=ds, method=method, budget=budget, seed=seed, device=str(bench.device),
                     data_root=bench.layout.data_root, work_dir=work_dir,
                     config_doc=config_document(bench.cfg, bench.student.tower_config),
-                    mounts=train_mounts(bench.layout, ds, bench.cfg.text_encoder, bench.cfg.student.tower),
+                    mounts=train_mounts(bench.layout, ds, bench.cfg.text_encoder, bench.cfg.student.tower, method),
                     limits=limits or SandboxLimits())

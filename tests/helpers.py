@@ -37,3 +37,45 @@ def copy_repo(dst):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     return dst
+
+
+def tiny_params(root, overrides=(), preset: str = "tiny"):
+    """Write ``<root>/params.yaml`` resolved from ``preset`` (no dvc.yaml); returns its path."""
+    from pathlib import Path
+
+    from benchmark.params import write_params
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return write_params(preset, Path(root) / "params.yaml", list(overrides), dvc_yaml=None)
+
+
+def stage_args(root, params=None, results=None):
+    """CLI arguments pointing a stage command at ``root``'s params, data and results."""
+    from pathlib import Path
+
+    root = Path(root)
+    return ["--params", str(params or root / "params.yaml"), "--data-root", str(root / "data"), "--results-root",
+            str(results or root / "results"), "--no-progress"]
+
+
+def tiny_context(root, overrides=(), results=None, preset: str = "tiny"):
+    """A StageContext of ``preset`` (with preset ``overrides``) over ``root``'s data."""
+    from pathlib import Path
+
+    from benchmark.params import resolve
+    from benchmark.paths import Layout
+    from benchmark.stages.context import StageContext
+
+    root = Path(root)
+    return StageContext(resolve(preset, list(overrides)), Layout(root / "data", Path(results or root / "results")),
+                        progress=False)
+
+
+def private_registry():
+    """A copy of the method registry (entry points loaded) that a test may register into and drop."""
+    from benchmark import registry
+
+    registry.available_methods()
+    private = registry._Registry()
+    private.methods, private.loaded = dict(registry._REGISTRY.methods), True
+    return private

@@ -79,7 +79,7 @@ def make_task(tmp_path: Path, params: dict[str, Any], budget: int = 8, seed: int
     ck = Checkpointer(tmp_path / "ckpt" if checkpoint_every else None, checkpoint_every)
     return DistillTask(train=random_train(), student=tiny_student_config(dropout), budget=budget, seed=seed,
                        params=params, device="cpu", experts=experts, logger=JsonlLogger(), checkpoint=ck,
-                       dataset="tiny-test", preset="tiny")
+                       dataset="tiny-test")
 
 
 def engine_config(budget: int = 10, **params) -> EngineConfig:

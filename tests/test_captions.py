@@ -1,4 +1,4 @@
-"""pre_caption against hand-computed answers (REFERENCE_METHODS §1.2)."""
+"""pre_caption against hand-computed answers (docs/protocols.md#caption-preprocessing)."""
 
 import pytest
 

@@ -4,13 +4,14 @@ import shutil
 import pytest
 
 from benchmark.cli import main
+from helpers import stage_args, tiny_params
 
 
 def _copy(tiny_project, tmp_path):
     root, _ = tiny_project
     shutil.copytree(root / "data", tmp_path / "data")
-    return ["--preset", "tiny", "--data-root", str(tmp_path / "data"), "--results-root", str(tmp_path / "results"),
-            "--no-progress"]
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    return stage_args(tmp_path)
 
 
 def test_methods_lists_registered_methods(capsys):
@@ -22,22 +23,27 @@ def test_methods_lists_registered_methods(capsys):
 
 def test_unknown_method_fails_with_choices(tiny_project, caplog):
     _, args = tiny_project
-    assert main(["distill", *args, "--method", "nope", "--budget", "5", "--seed", "0"]) == 2
-    assert "unknown method 'nope'" in caplog.text and "random" in caplog.text
+    assert main(["distill", *args, "--method", "nope", "--budget", "10", "--seed", "0"]) == 2
+    assert "'nope' is not in params.yaml's grid.methods" in caplog.text and "random" in caplog.text
 
 
 def test_unknown_dataset_and_preset_fail_clearly(tiny_project, caplog):
     _, args = tiny_project
     assert main(["fetch", *args, "-S", "datasets=[imagenet]"]) == 2
     assert "unknown dataset 'imagenet'" in caplog.text
-    assert main(["fetch", "--preset", "nosuch"]) == 2
+    assert main(["init-params", "--preset", "nosuch"]) == 2
     assert "unknown preset" in caplog.text
+    assert main(["fetch", "--params", "/nonexistent/params.yaml"]) == 2
+    assert "mmdd init-params" in caplog.text
     assert main(["fetch", *args, "-S", "eval.studnets=3"]) == 2
     assert "eval.studnets" in caplog.text
 
 
 def test_budget_over_training_pairs_fails_and_leaves_nothing(tiny_project, tmp_path, caplog):
     args = _copy(tiny_project, tmp_path)
+    assert main(["distill", *args, "--method", "random", "--budget", "100000", "--seed", "0"]) == 2
+    assert "budget 100000 is not in params.yaml's grid.budgets" in caplog.text
+    tiny_params(tmp_path, ["grid.methods=[random]", "grid.budgets=[100000]"])
     assert main(["distill", *args, "--method", "random", "--budget", "100000", "--seed", "0"]) == 2
     assert "exceeds" in caplog.text and "grid.budgets" in caplog.text
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("distilled*"))
@@ -46,7 +52,7 @@ def test_budget_over_training_pairs_fails_and_leaves_nothing(tiny_project, tmp_p
 def test_missing_features_name_the_fix(tiny_project, tmp_path, caplog):
     args = _copy(tiny_project, tmp_path)
     shutil.rmtree(tmp_path / "data" / "features")
-    assert main(["distill", *args, "--method", "random", "--budget", "5", "--seed", "0"]) == 2
+    assert main(["distill", *args, "--method", "random", "--budget", "10", "--seed", "0"]) == 2
     assert "mmdd embed" in caplog.text
 
 
@@ -54,7 +60,7 @@ def test_corrupt_expert_file_names_the_fix_and_leaves_no_output(tiny_project, tm
     args = _copy(tiny_project, tmp_path)
     expert = next((tmp_path / "data" / "experts").rglob("expert_000.safetensors"))
     expert.write_bytes(b"garbage")
-    assert main(["distill", *args, "--method", "herding", "--budget", "5", "--seed", "0"]) == 2
+    assert main(["distill", *args, "--method", "herding", "--budget", "10", "--seed", "0"]) == 2
     assert "mmdd experts" in caplog.text
     assert not any((tmp_path / "results").rglob("distilled*")) if (tmp_path / "results").exists() else True
 
@@ -64,8 +70,8 @@ def test_distill_evaluate_report_and_idempotent_rerun(tiny_project, tmp_path, ca
     cell_args = ["--method", "random", "--method", "forgetting", "--budget", "10", "--seed", "0", "--seed", "1"]
     assert main(["distill", *args, *cell_args]) == 0
     cell = tmp_path / "results" / "cells" / "tiny" / "shapes" / "random" / "b10" / "s0"
-    info = json.loads((cell / "distill_info.json").read_text())
-    assert info["pairs"] == 10 and info["bytes"] > 0
+    info = json.loads((cell / "distill.volatile.json").read_text())
+    assert info["pairs"] == 10 and info["bytes"] > 0 and info["seconds"] > 0
     mtime = (cell / "distilled.safetensors").stat().st_mtime_ns
     assert main(["distill", *args, *cell_args]) == 0
     assert (cell / "distilled.safetensors").stat().st_mtime_ns == mtime
@@ -86,14 +92,13 @@ def test_matching_cell_logs_its_curves_to_mlflow_and_the_report(tiny_project, tm
     from mlflow import MlflowClient
 
     args = _copy(tiny_project, tmp_path)
-    for stage in ("shortcut", "distill", "evaluate"):
-        extra = [] if stage == "shortcut" else ["--method", "tesla-vl", "--budget", "10", "--seed", "0"]
-        assert main([stage, *args, *extra]) == 0
+    for stage in ("distill", "evaluate"):
+        assert main([stage, *args, "--method", "tesla-vl", "--budget", "10", "--seed", "0"]) == 0
     results = tmp_path / "results"
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mmdd-shapes")
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    assert run.data.metrics["seconds_per_iter"] > 0 and run.data.metrics["peak_memory_mb"] > 0
+    assert run.data.metrics["distill_sec_per_iter_mean"] > 0 and run.data.metrics["distill_peak_mem_mb_max"] > 0
     history = client.get_metric_history(run.info.run_id, "distill.match_loss")
     assert len(history) == 3 and [m.step for m in history] == [1, 2, 3]  # tiny preset: 3 iterations
     assert main(["report", *args, "-S", "grid.methods=[tesla-vl]", "-S", "grid.budgets=[10]",

@@ -25,16 +25,17 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.config import load_config
 from benchmark.distilled import DistilledSet
 from benchmark.io import read_json
 from benchmark.paths import Layout
-from benchmark.pipeline import Bench
+from benchmark.stages.cells import Cell
+from benchmark.stages.distill import run_method
 from benchmark.runners import get_runner
 from benchmark.runners.docker import HOST_SITE, DockerRunner, orphans
 from benchmark.runners.images import docker
 from benchmark.runners.spec import CellSpec, SandboxLimits, config_document
 from tests.docker_env import cell_spec, cpu_test_image
+from tests.helpers import private_registry, tiny_context, tiny_params
 
 CELL = Path("cells/tiny/shapes/random/b10/s0")
 PROBE = r"""
@@ -69,7 +70,8 @@ def image():
 
 def _args(tiny_project, results: Path) -> list[str]:
     root, _ = tiny_project
-    return ["--preset", "tiny", "--data-root", str(root / "data"), "--results-root", str(results), "--no-progress"]
+    return ["--params", str(root / "params.yaml"), "--data-root", str(root / "data"), "--results-root", str(results),
+            "--no-progress"]
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -87,13 +89,13 @@ def test_method_runs_in_container_and_the_harness_evaluates_it(tiny_project, ima
     assert _snapshot(root / "data") == data_before, "the container wrote into data/"
     written = {p.relative_to(results) for p in results.rglob("*") if p.is_file()}
     assert written - {CELL / "distill_log.jsonl"} == {CELL / "distilled.json", CELL / "distilled.safetensors",
-                                                       CELL / "distill_info.json"}
+                                                       CELL / "distill.volatile.json"}
     assert not (results / CELL / ".container").exists()
     assert all(p.stat().st_uid == os.getuid() for p in results.rglob("*"))
-    info = read_json(results / CELL / "distill_info.json")
-    assert info["runner"] == "docker" and info["pairs"] == 10
+    info = read_json(results / CELL / "distill.volatile.json")  # where and how long: kept out of the hashed set
+    assert info["runner"] == "docker" and info["pairs"] == 10 and info["container_image"] == image
     meta = json.loads((results / CELL / "distilled.json").read_text())["meta"]
-    assert meta["container_image"] == image and meta["runner"] == "docker"
+    assert "container_image" not in meta and "runner" not in meta
 
     # The container computed exactly what the in-process runner computes.
     local = tmp_path / "local"
@@ -119,7 +121,7 @@ def _items(doc):
 
 def test_sandbox_has_no_network_and_only_the_output_dir_is_writable(tiny_project, image, tmp_path):
     root, _ = tiny_project
-    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    bench = tiny_context(root, results=tmp_path / "results")
     source = str(Path(__import__("benchmark").__file__).resolve().parent)
     script = PROBE.replace("HOST_SITE", repr(HOST_SITE)).replace("SOURCE", repr(source))
     out = tmp_path / "out"
@@ -138,31 +140,40 @@ def test_sandbox_has_no_network_and_only_the_output_dir_is_writable(tiny_project
 
 def test_invalid_container_output_is_refused_and_leaves_no_set(tiny_project, image, tmp_path, caplog):
     results = tmp_path / "results"
-    args = [*_args(tiny_project, results), "-S", "methods.random.lr_img=.nan"]
+    args = [*_args(tiny_project, results), "-S", "methods.random.shapes.b10.lr_img=.nan"]
     assert main(["distill", *args, "--method", "random", "--budget", "10", "--seed", "0", "--runner", "docker"]) == 2
     assert "rule 'finite'" in caplog.text and "lr_img" in caplog.text
     assert not list(results.rglob("distilled*")) and not list(results.rglob(".container"))
 
 
-def test_method_failing_in_the_container_reports_its_output(tiny_project, image, tmp_path, caplog):
+def test_method_missing_its_requirements_is_refused_before_the_container_starts(tiny_project, image, tmp_path,
+                                                                               caplog):
     root, _ = tiny_project
     data = tmp_path / "data"
     shutil.copytree(root / "data", data, ignore=shutil.ignore_patterns("experts"))
     results = tmp_path / "results"
-    args = ["--preset", "tiny", "--data-root", str(data), "--results-root", str(results), "--no-progress"]
+    args = ["--params", str(root / "params.yaml"), "--data-root", str(data), "--results-root", str(results),
+            "--no-progress"]
     assert main(["distill", *args, "--method", "herding", "--budget", "10", "--seed", "0", "--runner", "docker"]) == 2
-    assert "failed in container" in caplog.text and "(exit 2)" in caplog.text
-    assert "mmdd experts" in caplog.text  # the container's own error, relayed
+    assert "mmdd experts" in caplog.text and "failed in container" not in caplog.text
     assert not list(results.rglob("distilled*"))
     assert isinstance(get_runner("docker"), DockerRunner)
 
 
+def test_method_failing_in_the_container_reports_its_output(tiny_project, hostile, tmp_path, caplog):
+    root, _ = tiny_project
+    results = tmp_path / "results"
+    assert _distill(root / "data", results, "hostile-crash", params=hostile["params"]) == 2
+    assert "failed in container" in caplog.text and "(exit 2)" in caplog.text
+    assert "boom from inside the container" in caplog.text  # the container's own error, relayed
+    assert not list(results.rglob("distilled*"))
+
+
 def test_configuration_round_trips_into_the_container(tiny_project, tmp_path):
     root, _ = tiny_project
-    cfg = load_config("tiny", ["eval.students=3", "methods.random.lr_img=0.25"])
-    bench = Bench(cfg, Layout(root / "data", tmp_path), progress=False)
+    bench = tiny_context(root, ["eval.students=3", "methods.random.lr_img=0.25"], results=tmp_path)
     doc = config_document(bench.cfg, bench.student.tower_config)
-    assert doc["eval"]["students"] == 3 and doc["methods"]["random"]["lr_img"] == 0.25
+    assert doc["eval"]["students"] == 3 and doc["methods"]["random"]["shapes"]["b10"]["lr_img"] == 0.25
     assert doc["student"]["tower_config"] == bench.student.tower_config
 
 
@@ -176,7 +187,7 @@ def test_entry_dockerfile_is_built_once_and_used(tiny_project, image, tmp_path, 
     context.mkdir()
     (context / "Dockerfile").write_text("ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nUSER root\n"
                                         f"RUN echo {marker} > /opt/mmdd/entry-marker\nUSER 1000\n")
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_REGISTRY", private_registry())
     cls = registry.register_method("docker-entry")(
         type("DockerEntry", (RandomCoreset,), {"dockerfile": str(context / "Dockerfile")}))
     calls: list[str] = []
@@ -190,7 +201,7 @@ def test_entry_dockerfile_is_built_once_and_used(tiny_project, image, tmp_path, 
         assert first.id == second.id and calls.count("build") == 1, "an unchanged entry must not be rebuilt"
         assert first.ref.startswith("mmdd-entry-docker-entry:0.1.0-") and first.python_env == "host"
         root, _ = tiny_project
-        bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+        bench = tiny_context(root, results=tmp_path / "results")
         run = runner.probe(cell_spec(bench, "docker-entry", tmp_path / "cell"),
                            "print(open('/opt/mmdd/entry-marker').read().strip())", tmp_path / "out")
         assert run.rc == 0 and run.tail[-1] == marker
@@ -285,6 +296,11 @@ class EpochBomb(_Base):
         return dset
 
 
+class Crasher(_Base):
+    def distill(self, task):
+        raise RuntimeError("boom from inside the container")
+
+
 class Sleeper(_Base):
     def distill(self, task):
         print("sleeping", flush=True)
@@ -292,7 +308,8 @@ class Sleeper(_Base):
             time.sleep(1)
 '''
 ENTRIES = {"hostile-peeker": "Peeker", "hostile-symlink": "SymlinkPlanter", "hostile-hardlink": "HardLinker",
-           "hostile-flood": "OutFlooder", "hostile-epochs": "EpochBomb", "hostile-sleeper": "Sleeper"}
+           "hostile-flood": "OutFlooder", "hostile-epochs": "EpochBomb", "hostile-sleeper": "Sleeper",
+           "hostile-crash": "Crasher"}
 RAW = Path("raw/shapes")
 FEATURES = Path("features/shapes/minilm")
 
@@ -331,26 +348,28 @@ def hostile(tiny_project, image, tmp_path_factory):
     (dist / "entry_points.txt").write_text("[mmdd.methods]\n" + "".join(
         f"{name} = mmdd_hostile:{cls}\n" for name, cls in ENTRIES.items()))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(registry, "_METHODS", dict(registry._METHODS))
+        mp.setattr(registry, "_REGISTRY", private_registry())
         mp.syspath_prepend(str(site))
         import mmdd_hostile
 
         for name, cls in ENTRIES.items():
             registry.register_method(name)(getattr(mmdd_hostile, cls))
-        yield {"victim": victim, "site": site}
+        params = tiny_params(base, [f"grid.methods=[random,{','.join(ENTRIES)}]", "grid.budgets=[10]",
+                                    "grid.seeds=[0]"])
+        yield {"victim": victim, "site": site, "params": params}
     sys.modules.pop("mmdd_hostile", None)
 
 
 def _real_phase(root: Path):
     from benchmark.distilled import Phase
 
-    bench = Bench(load_config("tiny"), Layout(root / "data", root / "unused"), progress=False)
+    bench = tiny_context(root, results=root / "unused")
     x, t = bench.train_data("shapes").pairs(torch.arange(10, 20))
     return Phase(images=x.float().clone(), texts=t.float().clone(), lr_img=0.1, lr_txt=0.1)
 
 
-def _distill(data: Path, results: Path, method: str, *extra: str) -> int:
-    return main(["distill", "--preset", "tiny", "--data-root", str(data), "--results-root", str(results),
+def _distill(data: Path, results: Path, method: str, *extra: str, params: Path) -> int:
+    return main(["distill", "--params", str(params), "--data-root", str(data), "--results-root", str(results),
                  "--no-progress", "--method", method, "--budget", "10", "--seed", "0", "--runner", "docker", *extra])
 
 
@@ -381,7 +400,8 @@ def test_method_sees_only_train_inputs(tiny_project, hostile, tmp_path, layout):
     data = root / "data" if layout == "split-dirs" else _merged_images(root / "data", tmp_path / "data")
     results = tmp_path / "results"
 
-    assert _distill(data, results, "hostile-peeker") == 0  # `mmdd run-method` works on the train-only mounts
+    # `mmdd run-method` works on the train-only mounts
+    assert _distill(data, results, "hostile-peeker", params=hostile["params"]) == 0
 
     meta = json.loads((_cell(results, "hostile-peeker") / "distilled.json").read_text())["meta"]
     assert meta["found"] == [], "the method could read val/test files"
@@ -389,8 +409,7 @@ def test_method_sees_only_train_inputs(tiny_project, hostile, tmp_path, layout):
     expected = {f"/data/{RAW.as_posix()}/annotations/shapes_train.json",
                 f"/data/{FEATURES.as_posix()}/train.safetensors"}
     expected |= {f"/data/{RAW.as_posix()}/{p}" for p in train_images}
-    expected |= {f"/data/{p.relative_to(data).as_posix()}" for sub in ("experts", "shortcuts")
-                 for p in (data / sub).rglob("*") if p.is_file()}
+    expected |= {f"/data/{p.relative_to(data).as_posix()}" for p in (data / "experts").rglob("*") if p.is_file()}
     assert set(meta["visible"]) == expected
     if layout == "merged":
         assert (data / "views" / "shapes").is_dir()
@@ -402,7 +421,7 @@ def test_symlinked_outputs_are_refused_and_nothing_is_moved(tiny_project, hostil
     before = {p.name: p.read_bytes() for p in victim.iterdir()}
     results = tmp_path / "results"
 
-    assert _distill(root / "data", results, "hostile-symlink") == 2
+    assert _distill(root / "data", results, "hostile-symlink", params=hostile["params"]) == 2
 
     assert "rule 'regular-file'" in caplog.text and "symbolic link" in caplog.text
     cell = _cell(results, "hostile-symlink")
@@ -413,14 +432,14 @@ def test_symlinked_outputs_are_refused_and_nothing_is_moved(tiny_project, hostil
 
 def test_hard_linked_output_is_refused(tiny_project, hostile, tmp_path, caplog):
     root, _ = tiny_project
-    assert _distill(root / "data", tmp_path / "results", "hostile-hardlink") == 2
+    assert _distill(root / "data", tmp_path / "results", "hostile-hardlink", params=hostile["params"]) == 2
     assert "rule 'regular-file'" in caplog.text and "2 hard links" in caplog.text
     assert not list((tmp_path / "results").rglob("distilled*"))
 
 
 def test_epoch_bomb_is_refused_by_the_harness(tiny_project, hostile, tmp_path, caplog):
     root, _ = tiny_project
-    assert _distill(root / "data", tmp_path / "results", "hostile-epochs") == 2
+    assert _distill(root / "data", tmp_path / "results", "hostile-epochs", params=hostile["params"]) == 2
     assert "rule 'epochs': phase 0 epochs=1000000000000" in caplog.text
     assert not list((tmp_path / "results").rglob("distilled*"))
 
@@ -431,7 +450,7 @@ def test_flooding_out_is_stopped_at_the_cap(tiny_project, hostile, tmp_path, cap
     monkeypatch.setenv("MMDD_DOCKER_POLL", "0.2")
     results = tmp_path / "results"
 
-    assert _distill(root / "data", results, "hostile-flood") == 2
+    assert _distill(root / "data", results, "hostile-flood", params=hostile["params"]) == 2
 
     assert "rule 'out-size'" in caplog.text
     written = [int(m) for m in re.findall(r"wrote (\d+) MiB", caplog.text)]
@@ -441,7 +460,7 @@ def test_flooding_out_is_stopped_at_the_cap(tiny_project, hostile, tmp_path, cap
 
 def test_tmp_and_pids_and_memory_are_limited(tiny_project, image, tmp_path):
     root, _ = tiny_project
-    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    bench = tiny_context(root, results=tmp_path / "results")
     limits = SandboxLimits(tmp_bytes=64 << 20, pids_limit=32, memory_bytes=256 << 20)
     spec = cell_spec(bench, "random", tmp_path / "cell", limits=limits)
     runner = DockerRunner.from_env()
@@ -479,7 +498,8 @@ def _hostile_cli(tiny_project, results: Path, hostile) -> subprocess.Popen:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(hostile["site"])]),
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "benchmark.cli", "distill", "--preset", "tiny", "--data-root", str(root / "data"),
+    cmd = [sys.executable, "-m", "benchmark.cli", "distill", "--params", str(hostile["params"]), "--data-root",
+           str(root / "data"),
            "--results-root", str(results), "--no-progress", "--method", "hostile-sleeper", "--budget", "10",
            "--seed", "0", "--runner", "docker"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -534,7 +554,7 @@ def test_killed_host_leaves_an_orphan_that_a_rerun_reaps_then_times_out(tiny_pro
     monkeypatch.setenv("MMDD_DOCKER_TIMEOUT", "5")
     root, _ = tiny_project
     t0 = time.monotonic()
-    assert _distill(root / "data", results, "hostile-sleeper") == 2
+    assert _distill(root / "data", results, "hostile-sleeper", params=hostile["params"]) == 2
     elapsed = time.monotonic() - t0
     assert "removed 1 container(s) an earlier run" in caplog.text
     assert "rule 'timeout': killed after 5 s" in caplog.text and elapsed < 60
@@ -627,9 +647,9 @@ def test_limits_have_defaults_env_overrides_and_docker_flags():
 
 def test_local_runner_takes_a_cell_spec_and_matches_the_in_process_run(tiny_project, tmp_path):
     root, _ = tiny_project
-    bench = Bench(load_config("tiny"), Layout(root / "data", tmp_path / "results"), progress=False)
+    bench = tiny_context(root, results=tmp_path / "results")
     cell = tmp_path / "cell"
     child = get_runner("local")(cell_spec(bench, "random", cell))
-    here = bench.run_method("shapes", "random", 10, 0, tmp_path / "here")
+    here = run_method(bench, Cell("shapes", "random", 10, 0), tmp_path / "here")
     assert torch.equal(child.phases[0].images, here.phases[0].images)
     assert (cell / "distill_log.jsonl").exists() and not (cell / ".local").exists()

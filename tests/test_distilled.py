@@ -19,11 +19,11 @@ def _phase(n=4, sim="none", size=8, d=6, gen=None):
 
 
 def test_roundtrip_preserves_every_tensor_and_scalar(tmp_path):
-    ds = DistilledSet([_phase(4, "full"), _phase(3, "lowrank"), _phase(2)], {"method": "x", "loss": "wbce"})
+    ds = DistilledSet([_phase(4, "full"), _phase(3, "lowrank"), _phase(2)], {"method": "x"}, loss="wbce")
     ds.phases[1].epochs = 7
     ds.save(tmp_path / "d")
     back = DistilledSet.load(tmp_path / "d")
-    assert back.pairs == 9 and back.meta["method"] == "x"
+    assert back.pairs == 9 and back.meta["method"] == "x" and back.loss == "wbce"
     for a, b in zip(ds.phases, back.phases):
         assert a.similarity == b.similarity and a.lr_img == b.lr_img and a.lr_txt == b.lr_txt and a.epochs == b.epochs
         for k, v in a.tensors().items():
@@ -86,7 +86,7 @@ def test_non_set_json_is_rejected(tmp_path):
 
 # ------------------------------------------------------------------ what a set may ask of evaluation
 def _set_with(**changes):
-    ds = DistilledSet([_phase(4)], {"loss": "ce"})
+    ds = DistilledSet([_phase(4)], {}, loss="ce")
     for name, value in changes.items():
         setattr(ds.phases[0], name, value)
     return ds
@@ -121,7 +121,7 @@ def test_phases_and_total_epochs_are_bounded():
 
 def test_loss_must_be_known_and_lowrank_rank_at_most_n():
     ds = _set_with()
-    ds.meta["loss"] = "__import__('os')"
+    ds.loss = "__import__('os')"
     with pytest.raises(InvalidDistilledSet, match=r"rule 'loss'"):
         ds.validate()
     wide = DistilledSet([_phase(3, "lowrank")])
@@ -131,7 +131,7 @@ def test_loss_must_be_known_and_lowrank_rank_at_most_n():
 
 
 def test_epoch_bomb_in_the_json_sidecar_is_refused_after_loading(tmp_path):
-    ds = DistilledSet([_phase(2)], {"loss": "ce"})
+    ds = DistilledSet([_phase(2)], {}, loss="ce")
     _, js = ds.save(tmp_path / "d")
     doc = json.loads(js.read_text())
     doc["phases"][0]["epochs"] = 10**12

@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import copy_repo
 
 BIN = Path(sys.executable).parent
-GRID = ["-S", "grid.methods=[random,forgetting]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
+GRID = ["-S", "grid.methods=[random,forgetting,tesla-vl]", "-S", "grid.budgets=[10]", "-S", "grid.seeds=[0,1]"]
 
 pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc not installed in this env")
 
@@ -60,32 +60,32 @@ def _mlflow_runs(uri, experiment="mmdd-shapes"):
 def test_repro_outputs_tables_and_mlflow(project):
     root, out = project
     stages = _stages_run(out)
-    for s in ("fetch@shapes", "embed@shapes", "experts@shapes", "distill-plain@shapes-random-10-0",
-              "distill-experts@shapes-forgetting-10-1", "evaluate-experts@shapes-forgetting-10-0", "full-data@shapes",
-              "report"):
+    for s in ("fetch@shapes", "embed@shapes", "experts@shapes", "distill-random@shapes-10-0",
+              "distill-forgetting@shapes-10-1", "distill-tesla-vl@shapes-10-0", "evaluate@shapes-forgetting-10-0",
+              "full-data@shapes", "report"):
         assert s in stages
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], root).stdout
     cell = root / "results/cells/tiny/shapes/forgetting/b10/s1"
-    for name in ("distilled.safetensors", "distilled.json", "distill_info.json", "metrics.json",
-                 "artifacts/images.png", "artifacts/nearest_captions.tsv"):
+    for name in ("distilled.safetensors", "distilled.json", "distill_log.jsonl", "metrics.json",
+                 "artifacts/images.png", "artifacts/nearest_captions.tsv", "distill.volatile.json"):
         assert (cell / name).exists(), name
     metrics = json.loads((root / "results/metrics/tiny.json").read_text())
-    assert set(metrics["shapes"]) == {"random/b10/strict", "forgetting/b10/strict", "random/b10/paper",
-                                      "forgetting/b10/paper", "full-data/ball/strict"}
+    assert set(metrics["shapes"]) == {f"{m}/b10/{p}" for m in ("random", "forgetting", "tesla-vl")
+                                      for p in ("strict", "paper")} | {"full-data/ball/strict"}
     table = (root / "results/tables/tiny/shapes.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| forgetting")]
-    assert len(rows) == 4 and all(line.count("±") == 7 for line in rows)
+    assert len(rows) == 4 and all(line.count("±") == 7 for line in rows)  # tesla-vl rows start with "| tesla"
     assert sum("| strict" in line for line in rows) == 2 and sum("| paper" in line for line in rows) == 2
     assert (root / "results/tables/tiny/shapes.tex").exists() and (root / "results/README.md").exists()
     # MLflow, queried back through the client on the absolute sqlite store inside the project
     client, runs = _mlflow_runs(f"sqlite:///{root / 'mlflow.db'}")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 4 and len(children) == 8
+    assert len(parents) == 6 and len(children) == 12
     for r in parents:
         t = r.data.tags
         assert t["mmdd.preset"] == "tiny" and t["mmdd.protocol"] == "strict,paper" and t["mmdd.budget"] == "10"
-        assert t["mlflow.source.git.commit"] and t["mmdd.method"] in ("random", "forgetting")
+        assert t["mlflow.source.git.commit"] and t["mmdd.method"] in ("random", "forgetting", "tesla-vl")
         assert 0 <= r.data.metrics["test.r_mean"] <= r.data.metrics["test_paper.r_mean"] <= 100
         assert r.data.metrics["pairs"] == 10
         assert r.data.params["method"] == t["mmdd.method"]
@@ -99,17 +99,40 @@ def test_second_repro_does_nothing(project):
     assert _stages_run(res.stdout) == []
 
 
-def test_unknown_method_fails_its_stage_clearly(project):
+def test_unknown_method_fails_clearly_and_writes_nothing(project):
     root, _ = project
-    params = root / "params.yaml"
-    saved = params.read_text()
+    before = {name: (root / name).read_text() for name in ("params.yaml", "dvc.yaml")}
+    res = _run(["mmdd", "init-params", "--preset", "tiny", "-S", "grid.methods=[random,nope]"], root, check=False)
+    assert res.returncode == 2 and "unknown method 'nope'" in res.stdout + res.stderr
+    assert {name: (root / name).read_text() for name in before} == before
+
+
+def _status(root) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    out = _run(["dvc", "status"], root).stdout
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith((" ", "\t"))}
+
+
+@pytest.mark.parametrize("path, edit, stale", [
+    ("methods/coresets/forgetting.py", ("defaults", "defaults"),  # a new default in the method's own module
+     {"distill-forgetting@shapes-10-0", "distill-forgetting@shapes-10-1"}),
+    ("methods/matching/engine.py", ("DTYPES = {", "DTYPES = {  # edited"),
+     {"distill-tesla-vl@shapes-10-0", "distill-tesla-vl@shapes-10-1"}),
+])
+def test_editing_code_marks_exactly_the_cells_that_run_it_stale(project, path, edit, stale):
+    root, _ = project
+    src = root / path
+    saved = src.read_text()
     try:
-        params.write_text(saved.replace("methods: [random, forgetting]", "methods: [random, forgetting, nope]"))
-        res = _run(["dvc", "repro"], root, check=False)
-        assert res.returncode != 0
-        assert "unknown method 'nope'" in res.stdout + res.stderr
+        if path.endswith("forgetting.py"):
+            src.write_text(saved + '\nForgettingCoreset.defaults = {"*": {"lr_img": 0.2, "lr_txt": 0.1}}\n')
+        else:
+            assert edit[0] in saved
+            src.write_text(saved.replace(edit[0], edit[1], 1))
+        assert _status(root) == stale
     finally:
-        params.write_text(saved)
+        src.write_text(saved)
+    assert _status(root) == set()
 
 
 def _free_port():
@@ -146,25 +169,29 @@ def mlflow_server(project):
 
 def test_param_change_reruns_only_that_method_and_survives_interruption(project, mlflow_server):
     root, _ = project
+    import yaml
+
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("forgetting: {}", "forgetting: {lr_img: 0.05}"))
+    doc = yaml.safe_load(params.read_text())
+    doc["methods"]["forgetting"]["shapes"]["b10"]["lr_img"] = 0.05
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
     # Interrupt the rerun in the middle of the grid, then rerun: it must finish without manual clean-up.
     proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=_env(MLFLOW_TRACKING_URI=mlflow_server),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("Running stage 'evaluate-experts@shapes-forgetting-10-0'"):
+        if line.startswith("Running stage 'evaluate@shapes-forgetting-10-0'"):
             time.sleep(2.0)
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     first = _stages_run("".join(seen))
-    assert first and all("random" not in s for s in first)
+    assert first and all("random" not in s and "tesla" not in s for s in first)
     res = _run(["dvc", "repro"], root, MLFLOW_TRACKING_URI=mlflow_server)
     rerun = _stages_run(res.stdout)
-    assert "report" in rerun and "evaluate-experts@shapes-forgetting-10-1" in rerun
-    assert all("random" not in s for s in rerun) and "full-data@shapes" not in rerun
+    assert "report" in rerun and "evaluate@shapes-forgetting-10-1" in rerun
+    assert all("random" not in s and "tesla" not in s for s in rerun) and "full-data@shapes" not in rerun
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], root).stdout
     info = json.loads((root / "results/cells/tiny/shapes/forgetting/b10/s0/distilled.json").read_text())
     assert info["meta"]["params"]["lr_img"] == 0.05
@@ -176,3 +203,16 @@ def test_param_change_reruns_only_that_method_and_survives_interruption(project,
         by_method.setdefault(r.data.tags["mmdd.method"], []).append(r)
     assert len(by_method["random"]) == 2 and len(by_method["forgetting"]) == 4
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_queued_experiment_reruns_only_the_cells_whose_inputs_changed(project):
+    """Every output a later stage needs is cached, so DVC's temporary copy of a queued experiment restores the rest."""
+    root, _ = project
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "baseline"], root)
+    _run(["dvc", "exp", "run", "--queue", "-S", "methods.random.shapes.b10.lr_img=0.05"], root)
+    res = _run(["dvc", "exp", "run", "--run-all"], root, timeout=900)
+    ran = _stages_run(res.stdout)
+    assert sorted(ran) == ["distill-random@shapes-10-0", "distill-random@shapes-10-1", "evaluate@shapes-random-10-0",
+                           "evaluate@shapes-random-10-1", "report"], res.stdout[-3000:]
+    assert "Stage 'distill-forgetting@shapes-10-0' didn't change, skipping" in res.stdout

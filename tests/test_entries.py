@@ -19,6 +19,7 @@ from benchmark.distilled import DistilledSet, Phase
 from benchmark.entries import add_entry_commands, check_entry, run_entry_command
 from benchmark.interface import DistillTask, Method
 from tests.docker_env import image_if_available
+from tests.helpers import private_registry as fresh_registry
 
 
 def mmdd(*argv: str) -> int:
@@ -37,7 +38,7 @@ def mmdd(*argv: str) -> int:
 @pytest.fixture
 def private_registry(monkeypatch):
     """Registrations (and modules or sys.path entries of scaffolded packages) made by a test vanish with it."""
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_REGISTRY", fresh_registry())
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
     yield
@@ -73,23 +74,34 @@ def test_scaffolded_package_passes_check_entry(tiny_project, tmp_path, private_r
         assert "identical to the local run" in out
 
 
-def test_scaffolded_in_tree_method_registers_and_passes(tiny_project, tmp_path, private_registry):
+def test_scaffolded_in_tree_method_needing_experts_runs_without_touching_the_harness(tiny_project, tmp_path,
+                                                                                    private_registry):
     root, _ = tiny_project
     repo = tmp_path / "repo"
     (repo / "methods").mkdir(parents=True)
-    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    (repo / "methods" / "__init__.py").write_text('"""methods"""\n\nfrom methods import coresets  # noqa: F401\n')
+    (repo / "pyproject.toml").write_text('[project]\nname = "x"\n\n[project.entry-points."mmdd.methods"]\n'
+                                         'random = "methods.coresets.random:RandomCoreset"\n')
     assert mmdd("new-method", "my_tree", "--root", str(repo)) == 0
     pkg = repo / "methods" / "my_tree"
     assert sorted(p.name for p in pkg.iterdir()) == ["README.md", "__init__.py", "method.py"]
-    assert (repo / "methods" / "__init__.py").read_text().endswith("from methods import my_tree  # noqa: F401\n")
+    entry_points = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["entry-points"]["mmdd.methods"]
+    assert entry_points["my_tree"] == "methods.my_tree.method:MyTreeMethod"  # registered like an external package
     test_file = repo / "tests" / "test_method_my_tree.py"
     for path in (*pkg.glob("*.py"), test_file):
         py_compile.compile(str(path), doraise=True)
     assert "tiny_project" in test_file.read_text()
 
-    spec = importlib.util.spec_from_file_location("scaffolded_my_tree", pkg / "method.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers "my_tree" by decorator
+    # the method asks for expert trajectories through its requirements and reads them: only its own file changes
+    method_py = pkg / "method.py"
+    text = method_py.read_text()
+    text = text.replace("        return []\n", "        return [Requirement(EXPERTS)]\n", 1)
+    text = text.replace("        p = task.params\n", "        p = task.params\n        assert len(task.require_experts(self.name)) > 0\n", 1)
+    method_py.write_text(text)
+    spec = importlib.util.spec_from_file_location("scaffolded_my_tree", method_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls = registry.register_method("my_tree")(module.MyTreeMethod)  # what loading the entry point does
+    assert [r.kind for r in cls.requirements({}, 10)] == ["experts"]
     report = check_entry("my_tree", data_root=root / "data", docker="off")
     assert report.ok, report.render()
 

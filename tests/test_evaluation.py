@@ -32,7 +32,7 @@ def _set(n=6, lr_img=0.1, lr_txt=0.1, sim=None, seed=0, phases=1):
         if sim is not None:
             p.similarity, p.sim_full = "full", sim
         out.append(p)
-    return DistilledSet(out, {"loss": "wbce" if sim is not None else "ce"})
+    return DistilledSet(out, {}, loss="wbce" if sim is not None else "ce")
 
 
 def _split(n_img=8, caps=2, seed=1):

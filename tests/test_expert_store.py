@@ -56,8 +56,7 @@ def test_lazy_read_touches_only_requested_epochs(tmp_path):
     path.write_bytes(bytes(data))
     e = ExpertTrajectory.open(path)
     for k in (2, 3):
-        got = e.read_epoch(k)
-        assert torch.equal(got["img"], traj["img"][k]) and torch.equal(got["txt"], traj["txt"][k])
+        assert torch.equal(e.read("img", k), traj["img"][k]) and torch.equal(e.read("txt", k), traj["txt"][k])
     assert e.bytes_read == 2 * 4 * (1000 + 300)
     # Per-tensor hashes: the corruption is real, and caught as soon as a corrupted epoch is requested.
     with pytest.raises(ValueError, match=r"expert_000\.safetensors is corrupt: tensor 'img\.e000'.*mmdd experts"):

@@ -57,7 +57,7 @@ def test_phase_pairs_sum_to_budget_and_column_form():
     cfg = EngineConfig.from_params(dict(BASE, batch_size=3, phases={"pairs": [3, None],
                                                                     "teacher": ["raw", "shortcut(0, 3)"],
                                                       "start_window": [[0, 2], [1, 3]]}), 8)
-    assert [p.pairs for p in cfg.phases] == [3, 5] and cfg.effective_budget == 8
+    assert [p.pairs for p in cfg.phases] == [3, 5]
     assert str(cfg.phases[1].teacher) == "shortcut(0, 3)" and cfg.phases[1].iterations == BASE["iterations"]
     compat = EngineConfig.from_params(dict(BASE, batch_size=3, phases=[{"pairs": None}, {"pairs": 4}],
                                            bug_compat={"n_minus_one": True}), 8)
@@ -107,7 +107,7 @@ def test_phases_ema_and_logging(tmp_path, experts):
     # phases start from different real pairs, and carry their own learned learning rates
     assert dset.meta["phases"][0]["init_pairs"] != dset.meta["phases"][1]["init_pairs"][:3]
     assert dset.meta["teacher"][0]["kind"] == "shortcut" and dset.meta["teacher"][1]["kind"] == "raw"
-    assert dset.meta["loss"] == "wbce" and dset.meta["engine"]["unroll"] == "tesla"
+    assert dset.loss == "wbce" and dset.meta["engine"]["unroll"] == "tesla"
     recs = task.logger.records
     assert [r["step"] for r in recs] == list(range(1, 8))
     for key in ("match_loss", "match_loss_img", "match_loss_txt", "lr_img", "lr_txt", "sec_per_iter",
@@ -217,11 +217,54 @@ def test_paper_presets_follow_the_published_tables():
     assert cfg.batch_size == 40 and cfg.similarity.kind == "full" and cfg.lr_sim == 10.0
 
 
-def test_shortcut_segments_and_flags():
-    from methods.matching import shortcut_segments
+def test_requirements_follow_from_the_methods_own_params():
+    from benchmark.requirements import EXPERTS, Requirement
 
-    ptm = get_method("ptm-st")
-    assert ptm.needs_shortcuts and not getattr(get_method("lors"), "needs_shortcuts", False)
-    assert shortcut_segments(ptm.resolve_params("paper", "coco", 500), 500) == [(0, 5), (0, 7)]
-    assert shortcut_segments(ptm.resolve_params("quick", "shapes", 50), 50) == [(0, 3), (0, 4)]
-    assert shortcut_segments(get_method("lors").resolve_params("quick", "shapes", 50), 50) == []
+    def segments(name, profile, ds, budget):
+        cls = get_method(name)
+        reqs = cls.requirements(cls.resolve_params(profile, ds, budget), budget)
+        assert reqs[0] == Requirement(EXPERTS)
+        return [(r.params["start"], r.params["end"]) for r in reqs if r.kind == "shortcut"]
+
+    assert segments("ptm-st", "paper", "coco", 500) == [(0, 5), (0, 7)]
+    assert segments("ptm-st", "quick", "shapes", 50) == [(0, 3), (0, 4)]
+    assert segments("ptm-st", "paper", "flickr30k", 100) == [(0, 5)]
+    assert segments("lors", "quick", "shapes", 50) == []
+    assert get_method("random").requirements({}, 10) == []
+    with pytest.raises(ValueError, match="no defaults for profile 'nosuch'"):
+        get_method("lors").resolve_params("nosuch", "shapes", 50)
+
+
+def test_resumed_run_log_holds_every_iteration_once_and_equals_the_uninterrupted_log(tmp_path, experts):
+    """The per-iteration log is part of the checkpointed state: after a kill and a resume the log file has every
+    iteration exactly once, with the values an uninterrupted run logs (timings in the separate volatile file)."""
+    import json
+
+    from benchmark.interface import JsonlLogger
+
+    params = dict(BASE, iterations=3, phases=[{"pairs": 4}, {"pairs": None}])
+
+    def run(work, callbacks=()):
+        task = make_task(work, params, checkpoint_every=2, experts=experts)
+        task.logger = JsonlLogger(work / "log.jsonl", work / "log.volatile.jsonl")
+        MatchingEngine(task, EngineConfig.from_params(params, 8), "test", callbacks).run()
+
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    class Kill(Exception):
+        pass
+
+    def cb(engine, phase, it, syn):
+        if phase * 3 + it == 5:  # after the checkpoint at iteration 4, before the one at 6
+            raise Kill()
+
+    run(tmp_path / "ref")
+    with pytest.raises(Kill):
+        run(tmp_path / "run", [cb])
+    assert [r["step"] for r in lines(tmp_path / "run" / "log.jsonl")] == [1, 2, 3, 4, 5]
+    run(tmp_path / "run")
+    got, want = lines(tmp_path / "run" / "log.jsonl"), lines(tmp_path / "ref" / "log.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6] and got == want
+    assert [r["step"] for r in lines(tmp_path / "run" / "log.volatile.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert "sec_per_iter" not in got[0] and "sec_per_iter" in lines(tmp_path / "run" / "log.volatile.jsonl")[0]

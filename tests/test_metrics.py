@@ -1,4 +1,4 @@
-"""Retrieval metrics equal a straightforward per-row ranking (REFERENCE_METHODS §5.2), ties included."""
+"""Retrieval metrics equal a straightforward per-row ranking (docs/protocols.md#retrieval-metrics), ties included."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ def _paper_student(image_size: int = 64) -> StudentConfig:
 
 def test_nfnet_l0_student_matches_the_reference_architecture():
     flat = FlatStudent(build_student(_paper_student(), seed=0))
-    assert flat.numel("txt") == 7_087_104  # ProjectionHead(768 -> 2304), REFERENCE_METHODS §2.3
-    assert abs(flat.numel("img") - 32_769_488) / 32_769_488 < 0.01  # NFNet-L0 (timm), §2.1
+    assert flat.numel("txt") == 7_087_104  # ProjectionHead(768 -> 2304), docs/protocols.md#students
+    assert abs(flat.numel("img") - 32_769_488) / 32_769_488 < 0.01  # NFNet-L0 (timm), docs/protocols.md#students
     x, t = torch.randn(2, 3, 64, 64), torch.randn(2, 768)
     model = flat.model.eval()  # no dropout: the two forwards must agree exactly
     assert model.embed_images(x).shape == (2, 2304) and model.embed_texts(t).shape == (2, 2304)

@@ -47,8 +47,7 @@ def test_build_keeps_endpoints_lies_on_segment_and_beta_is_monotone(experts, tmp
                 for layer, (ca, cb, ct) in enumerate(zip(*(torch.split(v.double(), numels) for v in (a, b, th)))):
                     want = ca + beta[layer, t - 1] * (cb - ca)  # on the segment at the layer's β
                     assert torch.allclose(ct, want, rtol=0, atol=1e-6 * max(1.0, float(cb.abs().max())))
-            got = list(sc.iter_epochs(tower))
-            assert [t for t, _ in got] == [1, 2, 3, 4]
+            assert list(sc.epochs) == [1, 2, 3, 4]
 
 
 def test_in_memory_equals_file_and_teacher_reads_only_two_epochs(experts, tmp_path):
@@ -68,7 +67,7 @@ def test_in_memory_equals_file_and_teacher_reads_only_two_epochs(experts, tmp_pa
     with pytest.raises(IndexError):
         teacher.endpoints(0, 3, 1, "cpu")
     # without files: computed in memory from the raw experts
-    mem_teacher = make_teacher(TeacherSpec("shortcut", 0, 3), experts, tmp_path / "absent")
+    mem_teacher = make_teacher(TeacherSpec("shortcut", 0, 3), experts, None)
     assert mem_teacher.source.startswith("in-memory")
     assert all(torch.equal(a, b) for a, b in zip(mem_teacher.endpoints(1, 1, 1, "cpu")[1].values(), th1.values()))
 
@@ -108,19 +107,16 @@ def test_bad_segments_and_missing_layer_info(experts, tmp_path):
     assert TeacherSpec.parse({"kind": "shortcut", "start": 1, "end": 4}) == TeacherSpec("shortcut", 1, 4)
 
 
-def test_teacher_finds_segment_dirs_under_a_root_and_next_to_the_experts(experts, tmp_path):
-    from methods.matching.shortcut import default_shortcut_dir
-
-    root = tmp_path / "shortcuts"
-    build_shortcuts(experts.directory, default_shortcut_dir(root, 0, 2), 0, 2)
-    build_shortcuts(experts.directory, default_shortcut_dir(root, 1, 4), 1, 4)
-    for spec in ("shortcut(0, 2)", "shortcut(1, 4)"):
-        t = make_teacher(TeacherSpec.parse(spec), experts, root)
-        assert t.source.endswith(default_shortcut_dir(root, t.start, t.end).name)
-    # the directory itself may be given, and a segment that is not there is computed in memory
-    assert make_teacher(TeacherSpec("shortcut", 0, 2), experts, default_shortcut_dir(root, 0, 2)).source \
-        == str(default_shortcut_dir(root, 0, 2))
-    assert make_teacher(TeacherSpec("shortcut", 0, 3), experts, root).source.startswith("in-memory")
+def test_a_given_shortcut_dir_must_hold_the_segment_never_a_silent_rebuild(experts, tmp_path):
+    seg = tmp_path / "shortcut-end2-start0"
+    build_shortcuts(experts.directory, seg, 0, 2)
+    assert make_teacher(TeacherSpec("shortcut", 0, 2), experts, seg).source == str(seg)
+    with pytest.raises(ValueError, match=r"segments other than shortcut\(0, 3\).*mmdd prepare"):
+        make_teacher(TeacherSpec("shortcut", 0, 3), experts, seg)
+    with pytest.raises(ValueError, match="expert indices"):
+        make_teacher(TeacherSpec("shortcut", 0, 2), experts, tmp_path / "absent")
+    # without a prepared directory (library use) the β tables are computed in memory
+    assert make_teacher(TeacherSpec("shortcut", 0, 3), experts, None).source.startswith("in-memory")
 
 
 # ----------------------------------------------------------------------------------------------- integrity (Trust)
@@ -145,7 +141,7 @@ def test_flipped_bit_in_a_shortcut_file_is_detected_and_rebuilt(experts, tmp_pat
     _flip_byte(paths[0], "txt.end")
     sc = ShortcutTrajectory.open(paths[0])  # β is intact; the endpoint is checked when first read
     assert torch.equal(sc.read("img", 4), experts[0].read("img", 4))
-    with pytest.raises(ValueError, match=r"shortcut_000\.safetensors is corrupt: tensor 'txt\.end'.*`mmdd shortcut`"):
+    with pytest.raises(ValueError, match=r"shortcut_000\.safetensors is corrupt: tensor 'txt\.end'.*`mmdd prepare`"):
         sc.read("txt", 4)
     _flip_byte(paths[1], "img.beta")  # β is read on open: refused there
     with pytest.raises(ValueError, match=r"shortcut_001\.safetensors is corrupt: tensor 'img\.beta'"):

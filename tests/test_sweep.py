@@ -327,8 +327,8 @@ def first_sweep(project, stack):
 def test_ray_sweep_runs_every_cell_once_on_both_nodes(project, stack, first_sweep):
     res, stages, wall = first_sweep
     assert res.returncode == 0, res.stderr[-5000:]
-    assert set(stages) >= {"fetch@shapes", "embed@shapes", "experts@shapes", "shortcut@shapes", "full-data@shapes",
-                           "report", "distill-plain@shapes-random-10-0", "evaluate-experts@shapes-forgetting-10-1"}
+    assert set(stages) >= {"fetch@shapes", "embed@shapes", "experts@shapes", "full-data@shapes",
+                           "report", "distill-random@shapes-10-0", "evaluate@shapes-forgetting-10-1"}
     assert _by_status(stages, "done") == set(stages)
     assert all(_attempts(s) == [1] * len(s["tasks"]) for s in stages.values())  # every task ran exactly once
     assert [t["id"] for t in stages["experts@shapes"]["tasks"]] == ["experts@shapes[0]", "experts@shapes[1]"]
@@ -363,22 +363,25 @@ def test_failing_cell_is_retried_then_reported_without_stopping_others(project, 
     params = project / "params.yaml"
     saved = params.read_text()
     try:
-        params.write_text(saved.replace("forgetting: {}", "forgetting: {bogus: 1}"))
+        doc = yaml.safe_load(saved)
+        for cell in doc["methods"]["forgetting"]["shapes"].values():
+            cell["bogus"] = 1
+        params.write_text(yaml.safe_dump(doc, sort_keys=False))
         shutil.rmtree(_cell(project, "random", 1))
         res = _ray_sweep(project, stack, "--retries", "1")
     finally:
         params.write_text(saved)
     assert res.returncode == 1, res.stderr[-5000:]
     stages = _summary(project)
-    failed = {"distill-experts@shapes-forgetting-10-0", "distill-experts@shapes-forgetting-10-1"}
+    failed = {"distill-forgetting@shapes-10-0", "distill-forgetting@shapes-10-1"}
     assert _by_status(stages, "failed") == failed
     for name in failed:
         assert _attempts(stages[name]) == [2] and "has no parameter 'bogus'" in stages[name]["error"]
         assert f"failed  {name} (2 attempt(s))" in res.stderr and f"log: results/logs/{name}.log" in res.stderr
         assert len(HEADER.findall((project / f"results/logs/{name}.log").read_text())) == 3  # 1 + 2 retried
-    assert _by_status(stages, "done") == {"distill-plain@shapes-random-10-1", "evaluate-plain@shapes-random-10-1"}
-    assert _by_status(stages, "blocked") == {"evaluate-experts@shapes-forgetting-10-0",
-                                             "evaluate-experts@shapes-forgetting-10-1", "report"}
+    assert _by_status(stages, "done") == {"distill-random@shapes-10-1", "evaluate@shapes-random-10-1"}
+    assert _by_status(stages, "blocked") == {"evaluate@shapes-forgetting-10-0",
+                                             "evaluate@shapes-forgetting-10-1", "report"}
     assert all(s["tasks"] == [] for n, s in stages.items() if s["status"] == "up-to-date")  # nothing ran twice
     assert (_cell(project, "random", 1) / "metrics.json").exists()
 

@@ -181,19 +181,8 @@ def _split_file(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def _io_writes_sorted_headers(tmp: Path) -> bool:
-    """Whether benchmark.io.write_tensors orders header keys (safetensors alone uses a per-process hash order)."""
-    from benchmark.io import write_tensors
-
-    keys = [f"k{i}" for i in range(8, 0, -1)]
-    write_tensors(tmp / "order.safetensors", {"b": torch.zeros(1), "a": torch.zeros(1)},
-                  metadata={k: "v" for k in keys})
-    header, _ = _split_file((tmp / "order.safetensors").read_bytes())
-    return list(header["__metadata__"]) == sorted(keys)
-
-
 @pytest.fixture(scope="module")
-def embedded_twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes, bool]:
+def embedded_twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     """The tiny test split embedded by two separate Python processes: (bytes 1, bytes 2, io sorts headers)."""
     root = tmp_path_factory.mktemp("repro")
     ann = root / "flickr30k" / "annotations" / "flickr30k_test.json"
@@ -209,22 +198,17 @@ def embedded_twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, byt
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-3000:]
-    return outs[0].read_bytes(), outs[1].read_bytes(), _io_writes_sorted_headers(root)
+    return outs[0].read_bytes(), outs[1].read_bytes()
 
 
 def test_reembedding_in_another_process_gives_identical_tensors_and_metadata(embedded_twice) -> None:
-    (header1, data1), (header2, data2) = (_split_file(raw) for raw in embedded_twice[:2])
+    (header1, data1), (header2, data2) = (_split_file(raw) for raw in embedded_twice)
     assert data1 == data2 and header1 == header2
     meta = header1["__metadata__"]
     assert sorted(meta) == ["captions_sha256", "dim", "encoder", "n_captions", "n_images"]  # nothing time-dependent
     assert (meta["encoder"], meta["dim"], meta["n_captions"], meta["n_images"]) == ("minilm", "384", "6", "3")
 
 
-def test_reembedding_in_another_process_gives_identical_bytes(embedded_twice, request: pytest.FixtureRequest) -> None:
-    raw1, raw2, io_sorted = embedded_twice
-    if not io_sorted:
-        # Header key order comes from benchmark/io.py's write_tensors (safetensors serialises its metadata map in a
-        # per-process hash order); the fix making it deterministic lands separately in benchmark/io.py.
-        request.applymarker(pytest.mark.xfail(reason="benchmark.io.write_tensors does not order safetensors header "
-                                                     "keys yet", strict=False))
+def test_reembedding_in_another_process_gives_identical_bytes(embedded_twice) -> None:
+    raw1, raw2 = embedded_twice  # benchmark.io writes the safetensors header with sorted keys
     assert raw1 == raw2

@@ -1,4 +1,4 @@
-"""Caption normalisation shared by every dataset (REFERENCE_METHODS §1.2)."""
+"""Caption normalisation shared by every dataset (docs/protocols.md#caption-preprocessing)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+from benchmark.constants import SPLITS
+
 
 
 @dataclass(frozen=True)

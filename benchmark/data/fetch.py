@@ -10,7 +10,7 @@ Layout produced for ``<ds>`` in ``<data_root>/<ds>/``::
 
 Every file is written beside its target and renamed into place, so an interrupted run leaves either nothing or a
 ``*.part`` download, with ``*.part.json`` (the size and validators the server announced), that the next run resumes.
-The threat model is in docs/security-fetch.md.
+The threat model is in docs/security.md#fetchers.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One loader for Karpathy-format (BLIP) annotation files, used for every dataset.
 
 Train files hold one entry per caption ``{"image", "caption", "image_id"}``; val/test files hold one
-entry per image ``{"image", "caption": [...]}`` (REFERENCE_METHODS §1.1, §1.6). Extra keys are ignored.
+entry per image ``{"image", "caption": [...]}`` (docs/protocols.md#karpathy-splits). Extra keys are ignored.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where the real datasets come from: annotation files, image archives, pinned checksums and expected sizes.
 
 Pure data; :mod:`benchmark.data.fetch` does the work. Checksums are pinned only where they were verified
-(REFERENCE_METHODS §1.8); files without a pinned hash are recorded in ``<data_root>/<ds>/fetch.lock.json`` after their
+(docs/protocols.md#karpathy-splits); files without a pinned hash are recorded in ``<data_root>/<ds>/fetch.lock.json`` after their
 first complete, consistent download and checked against it (size, then sha256) afterwards.
 """
 
@@ -82,7 +82,7 @@ SOURCES: dict[str, DatasetSource] = {
         archives=(ArchiveSource("flickr30k-images", "flickr30k-images", None, FLICKR30K_MANUAL,
                                 env=FLICKR30K_IMAGES_ENV),),
         expected_sizes={
-            "train": SplitSize(29000, 145000),   # BLIP release, not verified (REFERENCE_METHODS §1.1)
+            "train": SplitSize(29000, 145000),   # BLIP release, not verified (docs/protocols.md#karpathy-splits)
             "val": SplitSize(1014, 5070),
             "test": SplitSize(1000, 5000),
         },
@@ -104,7 +104,7 @@ SOURCES: dict[str, DatasetSource] = {
             for part in ("train2014", "val2014")
         ),
         expected_sizes={
-            "train": SplitSize(113287, 566747),  # BLIP release, not verified (REFERENCE_METHODS §1.1)
+            "train": SplitSize(113287, 566747),  # BLIP release, not verified (docs/protocols.md#karpathy-splits)
             "val": SplitSize(5000, 25010),
             "test": SplitSize(5000, 25010),
         },

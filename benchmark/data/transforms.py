@@ -1,4 +1,4 @@
-"""Image transforms of the reference pipeline (REFERENCE_METHODS §1.3), including BLIP-style RandomAugment."""
+"""Image transforms of the reference pipeline (docs/protocols.md#image-transforms), including BLIP-style RandomAugment."""
 
 from __future__ import annotations
 

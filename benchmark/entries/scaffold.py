@@ -56,41 +56,43 @@ def _write_file(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+ENTRY_TABLE = '[project.entry-points."mmdd.methods"]\n'
+
+
 def scaffold_in_tree(name: str, root: Path) -> list[Path]:
     """Scaffold ``methods/<module>/`` (class, README) and ``tests/test_method_<module>.py`` in the repository at
-    ``root``, and register the package in ``methods/__init__.py``. Returns the created paths."""
+    ``root``, and register the class under the ``mmdd.methods`` entry points of ``pyproject.toml`` (the same path
+    an external package takes; reinstall with ``pip install --no-deps -e .``). Returns the created paths."""
     v = _names(name)
     root = Path(root)
-    init = root / "methods" / "__init__.py"
-    if not init.is_file() or not (root / "pyproject.toml").is_file():
-        raise ValueError(f"{root} is not the mmdd-bench repository (no methods/__init__.py): run from its root, "
-                         "pass --root, or scaffold a separate package with --out-of-tree DIR")
+    pyproject = root / "pyproject.toml"
+    if not (root / "methods").is_dir() or not pyproject.is_file() or ENTRY_TABLE not in pyproject.read_text():
+        raise ValueError(f"{root} is not the mmdd-bench repository (no methods/ or no mmdd.methods entry-point "
+                         "table in pyproject.toml): run from its root, pass --root, or scaffold a separate package "
+                         "with --out-of-tree DIR")
     _refuse_taken(name)
     pkg = root / "methods" / v["module"]
     test = root / "tests" / f"test_method_{v['module']}.py"
     for path in (pkg, test):
         if path.exists():
             raise ValueError(f"{path} already exists: choose another name or remove it")
-    values = {**v, "register_import": "from benchmark.registry import register_method\n",
-              "register_decorator": f'@register_method("{name}")\n', "dockerfile_hint": 'e.g. "Dockerfile"',
-              "method_path": f"methods/{v['module']}/method.py", "test_path": str(test.relative_to(root)),
-              "check_args": ""}
+    values = {**v, "dockerfile_hint": 'e.g. "Dockerfile"', "method_path": f"methods/{v['module']}/method.py",
+              "test_path": str(test.relative_to(root)), "check_args": ""}
     _write_tree(pkg, {
-        "__init__.py": f'"""The ``{name}`` method (see README.md)."""\n\nfrom methods.{v["module"]} import method  '
-                       f'# noqa: F401  (registers "{name}")\n',
+        "__init__.py": f'"""The ``{name}`` method (see README.md)."""\n',
         "method.py": _render("method.py.tmpl", values),
         "README.md": _render("README.md.tmpl", values),
     })
     try:
         _write_file(test, _render("test_intree.py.tmpl", values))
-        text = init.read_text()
-        _write_file(init, text + ("" if text.endswith("\n") or not text else "\n")
-                    + f"from methods import {v['module']}  # noqa: F401\n")
+        text = pyproject.read_text()
+        entry = f'{name} = "methods.{v["module"]}.method:{v["cls"]}"\n'
+        _write_file(pyproject, text.replace(ENTRY_TABLE, ENTRY_TABLE + entry, 1))
     except BaseException:
         shutil.rmtree(pkg, ignore_errors=True)
         test.unlink(missing_ok=True)
         raise
-    return [pkg, test, init]
+    return [pkg, test, pyproject]
 
 
 def scaffold_package(name: str, directory: Path) -> list[Path]:
@@ -101,7 +103,7 @@ def scaffold_package(name: str, directory: Path) -> list[Path]:
         raise ValueError(f"{directory} exists and is not empty: choose a new directory")
     _refuse_taken(name)
     mod = v["module"]
-    values = {**v, "register_import": "", "register_decorator": "", "dockerfile_hint": '"../../Dockerfile"',
+    values = {**v, "dockerfile_hint": '"../../Dockerfile"',
               "method_path": f"src/{mod}/method.py", "test_path": f"tests/test_{mod}.py",
               "check_args": " --project ."}
     files = {

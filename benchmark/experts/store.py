@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from benchmark.constants import TOWERS
 from benchmark.io import read_json, write_json, write_tensors
 
-TOWERS = ("img", "txt")
 FORMAT_VERSION = 2  # 2: per-tensor sha256 in the header, file and header sha256 in the sidecar
 DIGESTS_KEY = "tensor_sha256"
 _CHUNK = 1 << 20
@@ -253,9 +253,6 @@ class ExpertTrajectory:
         t = read_checked(self.path, tensor_key(tower, epoch), self.digests, device, "expert", "mmdd experts")
         self.bytes_read += t.numel() * t.element_size()
         return t
-
-    def read_epoch(self, epoch: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return {t: self.read(t, epoch, device) for t in TOWERS}
 
     def stat(self, name: str) -> torch.Tensor:
         """A per-pair statistic recorded during training (e.g. ``forget_count``)."""

@@ -1,8 +1,8 @@
-"""Train expert students and record their trajectories (REFERENCE_METHODS §3).
+"""Train expert students and record their trajectories (docs/methods.md#expert-trajectories).
 
 Each expert: a fresh student (seeded), SGD over the training pairs for E epochs with the symmetric CE loss, the
 trainable towers' flat parameters recorded at init and after every epoch. Caption features are precomputed and
-deterministic (the reference re-encodes captions with BERT dropout on; documented difference, §1.5).
+deterministic (the reference re-encodes captions with BERT dropout on; documented difference, docs/protocols.md#caption-features).
 
 While training, per-pair *forgetting events* are counted for the ``forgetting`` coreset: after each step, a pair
 in the batch is *learned* when its image ranks its own caption first in the batch row AND its caption ranks its

@@ -1,4 +1,4 @@
-"""Text projection head of REFERENCE_METHODS §2.3."""
+"""Text projection head (docs/protocols.md#students)."""
 
 from __future__ import annotations
 

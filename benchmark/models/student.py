@@ -11,9 +11,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from benchmark.models.projection import ProjectionHead
+from benchmark.constants import TOWERS
 from benchmark.models.towers import build_image_tower, load_tower_config
 
-TOWERS = ("img", "txt")
 
 
 @dataclass

@@ -118,7 +118,7 @@ def engine_params(mode: str, steps: int, batch: int, iters: int, cache_mb: int =
 
 # ------------------------------------------------------------------------------------------------------ yardstick
 class Yardstick:
-    """A straightforward implementation of the reference iteration (REFERENCE_METHODS §4.1/§4.2.3), I/O included:
+    """A straightforward implementation of the reference iteration (docs/methods.md#full-unroll, docs/methods.md#tesla), I/O included:
     whole-expert load, fresh student, create_graph in the first pass (TESLA) or one graph over the unroll (MTT)."""
 
     def __init__(self, cfg: EngineConfig, student: StudentConfig, experts_dir: Path, device: torch.device,

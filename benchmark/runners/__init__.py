@@ -2,7 +2,7 @@
 isolated container).
 
 A runner is a callable ``runner(spec: CellSpec) -> DistilledSet`` returning the method's *raw* set;
-:meth:`benchmark.pipeline.Bench.distill` then validates it and records it in the cell. Evaluation is never a
+:func:`benchmark.stages.distill.distill` then validates it and records it in the cell. Evaluation is never a
 runner's business. Runners get plain data (:class:`~benchmark.runners.spec.CellSpec`) and never import the
 pipeline; both run ``mmdd run-method`` on the same read-only configuration file.
 """
@@ -57,7 +57,7 @@ def run_local(spec: CellSpec) -> DistilledSet:
     with tempfile.TemporaryDirectory(prefix="mmdd-local-") as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(config_text(spec.config_doc))
-        cmd = [sys.executable, "-m", "benchmark.runners.inside", *register, "--", "run-method", "--preset",
+        cmd = [sys.executable, "-m", "benchmark.method_entry", *register, "--", "run-method", "--params",
                str(config), "--dataset", spec.dataset, "--data-root", str(spec.data_root), "--results-root",
                str(Path(tmp) / "results"), "--method", spec.method, "--budget", str(spec.budget), "--seed",
                str(spec.seed), "--work-dir", str(work), "--device", spec.device, "--no-progress"]

@@ -17,7 +17,7 @@ docs/security.md):
 - the configuration travels as a read-only YAML file, so the container resolves exactly the host's parameters.
 
 The container only runs ``mmdd run-method``; the harness copies the bytes of its raw DistilledSet out of ``/out``
-(regular files only: :mod:`benchmark.runners.outputs`), then :meth:`benchmark.pipeline.Bench.distill` validates and
+(regular files only: :mod:`benchmark.runners.outputs`), then :func:`benchmark.stages.distill.distill` validates and
 records it, and evaluation trains fresh students on it. Runner settings come from the environment:
 ``MMDD_DOCKER_IMAGE`` (default ``mmdd-bench:<version>-gpu``), ``MMDD_DOCKER_GPUS`` (``auto`` | ``none`` | a
 ``--gpus`` value) and ``MMDD_DOCKER_ARGS`` (extra ``docker create`` arguments, trusted: they come from the
@@ -394,7 +394,7 @@ class DockerRunner:
             config = Path(tmp) / "config.yaml"
             config.write_text(config_text(spec.config_doc))
             cspec, register = self.container_spec(spec, cls, work, config)
-            argv = ["-m", "benchmark.runners.inside", *register, "--", "run-method", "--preset", CONFIG,
+            argv = ["-m", "benchmark.method_entry", *register, "--", "run-method", "--params", CONFIG,
                     "--dataset", spec.dataset, "--data-root", str(CONTAINER_DATA), "--results-root", "/tmp/results",
                     "--method", spec.method, "--budget", str(spec.budget), "--seed", str(spec.seed),
                     "--work-dir", OUT, "--device", spec.device, "--no-progress"]

@@ -35,8 +35,10 @@ def container_path(layout: Layout, host: Path) -> str:
     return str(CONTAINER_DATA / Path(host).relative_to(layout.data_root).as_posix())
 
 
-def train_mounts(layout: Layout, ds: str, encoder: str, tower: str) -> tuple[tuple[Path, str], ...]:
-    """``(host path, container path)`` of every train-only input of ``ds`` (see the module doc), parents first."""
+def train_mounts(layout: Layout, ds: str, encoder: str, tower: str,
+                 method: str | None = None) -> tuple[tuple[Path, str], ...]:
+    """``(host path, container path)`` of every train-only input of ``ds`` (see the module doc) — with the expert
+    trajectories and ``method``'s prepared artifacts when they exist — parents first."""
     ann = annotation_path(layout.raw_root, ds, "train")
     features = layout.features(ds, encoder, "train")
     for path, hint in ((ann, "mmdd fetch"), (features, "mmdd embed")):
@@ -46,7 +48,8 @@ def train_mounts(layout: Layout, ds: str, encoder: str, tower: str) -> tuple[tup
     ds_dir = layout.dataset_dir(ds)
     for host_dir, rel in image_dirs(ds_dir, train_image_paths(ann), layout.data_root / VIEWS_DIR / ds):
         mounts.append((host_dir, container_path(layout, ds_dir / rel)))
-    for extra in (layout.experts(ds, tower, encoder), layout.shortcuts(ds, tower, encoder)):
+    extras = [layout.experts(ds, tower, encoder)] + ([layout.prepared(ds, method)] if method else [])
+    for extra in extras:
         if extra.is_dir():
             mounts.append((extra, container_path(layout, extra)))
     return tuple(sorted(mounts, key=lambda m: (m[1].count("/"), m[1])))

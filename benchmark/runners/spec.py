@@ -156,7 +156,7 @@ def config_document(cfg: Any, tower_config: Mapping[str, Any]) -> dict[str, Any]
 def _plain(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(cfg):
-        if f.name == "raw" or not f.init:
+        if not f.init:
             continue
         v = getattr(cfg, f.name)
         out[f.name] = {k.name: getattr(v, k.name) for k in fields(v) if k.init} if is_dataclass(v) else v

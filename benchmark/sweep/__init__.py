@@ -1,6 +1,6 @@
 """``mmdd sweep``: run the stale part of the DVC pipeline on this machine or a Ray cluster (docs/cluster.md).
 
-Every stage of ``dvc.yaml`` (fetch → embed → experts, one task per expert → shortcut → distill cells → evaluate cells
+Every stage of ``dvc.yaml`` (fetch → embed → experts, one task per expert → prepare → distill cells → evaluate cells
 → full-data → report) runs its exact command as one task; each finished stage is recorded with ``dvc commit``, so
 ``dvc status`` is clean afterwards and DVC and MLflow stay the record.
 """
@@ -31,7 +31,7 @@ def add_sweep_command(subparsers) -> argparse.ArgumentParser:
     text = "run the stale grid cells of the DVC pipeline in parallel, locally or on a Ray cluster"
     p = subparsers.add_parser("sweep", help=text, description=text)
     p.add_argument("targets", nargs="*", metavar="STAGE",
-                   help="stages or stage groups (e.g. distill-plain) to bring up to date, with everything upstream "
+                   help="stages or stage groups (e.g. distill-lors) to bring up to date, with everything upstream "
                         "[the whole pipeline]")
     p.add_argument("--runner", choices=("local", "ray"), default="local", help="where tasks run [local]")
     p.add_argument("--address", default=None,

@@ -29,7 +29,7 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One DVC stage, e.g. ``distill-experts@shapes-forgetting-10-0``."""
+    """One DVC stage, e.g. ``distill-lors@shapes-10-0``."""
 
     name: str
     cmd: str
@@ -39,7 +39,7 @@ class Stage:
 
     @property
     def group(self) -> str:
-        """The ``foreach``/``matrix`` stage this one was generated from (``distill-experts``)."""
+        """The ``foreach``/``matrix`` stage this one was generated from (``distill-lors``)."""
         return self.name.split("@", 1)[0]
 
     @property
@@ -92,7 +92,7 @@ def load_pipeline(root: Path) -> dict[str, Stage]:
 
 
 def select(stages: dict[str, Stage], targets: Iterable[str]) -> set[str]:
-    """The targets (stage names or groups such as ``distill-plain``) and everything upstream of them."""
+    """The targets (stage names or groups such as ``distill-lors``) and everything upstream of them."""
     targets = list(targets)
     if not targets:
         return set(stages)

@@ -1,6 +1,5 @@
 """Coreset baselines: real training pairs chosen by a rule, trained with identity targets and fixed rates.
 
-No reference code exists (REFERENCE_METHODS §6); each selection rule is defined in its module's docstring.
+No reference code exists for them; each selection rule is defined in its module's docstring
+(docs/methods.md#coresets).
 """
-
-from methods.coresets import forgetting, herding, kcenter, random  # noqa: F401

@@ -7,16 +7,22 @@ from typing import Any, ClassVar
 import torch
 
 from benchmark.distilled import DistilledSet, Phase
-from benchmark.interface import DistillTask, Method
+from benchmark.interface import ANY_PROFILE, DistillTask, Method
 from benchmark.models.student import FlatStudent
+from benchmark.requirements import EXPERTS, Requirement
 from benchmark.training import encode
 
 
 class CoresetMethod(Method):
     """A method that returns ``budget`` real pairs chosen by :meth:`select`; rates are fixed (not learned)."""
 
-    defaults: ClassVar[dict[str, dict[str, Any]]] = {"quick": {"lr_img": 0.1, "lr_txt": 0.1},
-                                                      "paper": {"lr_img": 0.1, "lr_txt": 0.1}}
+    # One setting for every profile: the pairs are trained at the expert's learning rate.
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {ANY_PROFILE: {"lr_img": 0.1, "lr_txt": 0.1}}
+    uses_experts: ClassVar[bool] = False  # selection on the experts' learned joint space
+
+    @classmethod
+    def requirements(cls, params: dict[str, Any], budget: int) -> list[Requirement]:
+        return [Requirement(EXPERTS)] if cls.uses_experts else []
 
     def select(self, task: DistillTask) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -31,8 +37,8 @@ class CoresetMethod(Method):
         x, t = task.train.pairs(idx)
         phase = Phase(images=x.float().clone(), texts=t.float().clone(), lr_img=task.params["lr_img"],
                       lr_txt=task.params["lr_txt"])
-        meta = {"method": self.name, "params": task.params, "loss": "ce", "selected_pairs": idx.tolist()}
-        return DistilledSet([phase], meta)
+        meta = {"method": self.name, "params": task.params, "selected_pairs": idx.tolist()}
+        return DistilledSet([phase], meta, loss="ce")
 
 
 def pair_features(task: DistillTask, expert_index: int) -> torch.Tensor:

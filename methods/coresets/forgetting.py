@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from benchmark.interface import DistillTask
-from benchmark.registry import register_method
 from benchmark.seeding import derive_seed
 from methods.coresets.common import CoresetMethod
 
@@ -27,9 +26,11 @@ def forgetting_select(events: torch.Tensor, ever_learned: torch.Tensor, k: int, 
     return perm[order[:k]]
 
 
-@register_method("forgetting")
 class ForgettingCoreset(CoresetMethod):
-    needs_experts = True
+    """Forgetting: the pairs forgotten most often while an expert trains."""
+
+    name = "forgetting"
+    uses_experts = True
 
     def select(self, task: DistillTask) -> torch.Tensor:
         experts = task.require_experts(self.name)

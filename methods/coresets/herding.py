@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from benchmark.interface import DistillTask
-from benchmark.registry import register_method
 from methods.coresets.common import CoresetMethod, pair_features
 
 
@@ -36,9 +35,11 @@ def herding_select(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-@register_method("herding")
 class HerdingCoreset(CoresetMethod):
-    needs_experts = True
+    """Herding: greedily match the mean of the experts' joint pair embeddings."""
+
+    name = "herding"
+    uses_experts = True
 
     def select(self, task: DistillTask) -> torch.Tensor:
         return herding_select(pair_features(task, task.seed).cpu(), task.budget)

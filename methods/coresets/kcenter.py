@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from benchmark.interface import DistillTask
-from benchmark.registry import register_method
 from benchmark.seeding import derive_seed
 from methods.coresets.common import CoresetMethod, pair_features
 
@@ -31,9 +30,11 @@ def kcenter_select(features: torch.Tensor, k: int, first: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-@register_method("kcenter")
 class KCenterCoreset(CoresetMethod):
-    needs_experts = True
+    """k-center: farthest-point selection on the experts' joint pair embeddings."""
+
+    name = "kcenter"
+    uses_experts = True
 
     def select(self, task: DistillTask) -> torch.Tensor:
         gen = torch.Generator().manual_seed(derive_seed(task.seed, "kcenter-start"))

@@ -1,10 +1,12 @@
-"""Shared trajectory-matching engine (DESIGN §3): MTT-VL, TESLA-VL, LoRS and PTM-ST are configurations of it.
+"""Shared trajectory-matching engine (docs/methods.md#engine): MTT-VL, TESLA-VL, LoRS and PTM-ST are configurations
+of it.
 
 * :mod:`.config` — typed, validated options (:class:`EngineConfig` from a flat params dict).
 * :mod:`.engine` — the inner loops (``full`` graph/adjoint, ``tesla``), their gradients, and the outer loop.
 * :mod:`.similarity` — ``none | full | lowrank`` learned target similarity with per-batch gather/scatter.
 * :mod:`.teacher` — raw or shortcut teachers reading only the two epochs an iteration needs.
-* :mod:`.shortcut` — PTM-ST shortcut trajectories: build, compact store, reader (``mmdd shortcut``).
+* :mod:`.shortcut` — shortcut trajectories: build, compact store, reader.
+* :mod:`.artifacts` — the ``shortcut`` artifact kind the harness prepares for a method that asks for it.
 """
 
 from __future__ import annotations
@@ -14,34 +16,20 @@ from typing import Any, ClassVar
 
 from benchmark.distilled import DistilledSet
 from benchmark.interface import DistillTask, Method
-from methods.matching.config import (ENGINE_DEFAULTS, BugCompat, ConfigError, EngineConfig, PhaseSpec,
-                                     SimilaritySpec, TeacherSpec)
-from methods.matching.engine import DistillationDiverged, Matcher, MatchingEngine
-from methods.matching.shortcut import (ShortcutCollection, ShortcutTrajectory, build_shortcuts,
-                                       default_shortcut_dir, shortcut_bytes_report)
+from benchmark.requirements import EXPERTS, Requirement
+from methods.matching.artifacts import shortcut_requirement
+from methods.matching.config import ENGINE_DEFAULTS, ConfigError, EngineConfig
+from methods.matching.engine import DistillationDiverged, MatchingEngine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINE_DEFAULTS", "BugCompat", "ConfigError", "EngineConfig", "PhaseSpec", "SimilaritySpec",
-           "TeacherSpec", "DistillationDiverged", "Matcher", "MatchingEngine", "MatchingMethod", "ShortcutCollection",
-           "ShortcutTrajectory", "build_shortcuts", "default_shortcut_dir", "shortcut_bytes_report", "nearest_row",
-           "shortcut_segments"]
-
-
-def shortcut_segments(params: dict[str, Any], budget: int) -> list[tuple[int, int]]:
-    """The (start, end) shortcut segments a method's resolved params use, in phase order without repeats — what the
-    ``shortcut`` stage must build (with :func:`build_shortcuts`) before ``distill``."""
-    cfg = EngineConfig.from_params(params, budget)
-    out: list[tuple[int, int]] = []
-    for ph in cfg.phases:
-        if ph.teacher.kind == "shortcut" and (ph.teacher.start, ph.teacher.end) not in out:
-            out.append((ph.teacher.start, int(ph.teacher.end)))
-    return out
+__all__ = ["ENGINE_DEFAULTS", "ConfigError", "DistillationDiverged", "EngineConfig", "MatchingEngine",
+           "MatchingMethod", "nearest_row"]
 
 
 def nearest_row(table: dict[str, dict[int, Any]], dataset: str, budget: int, method: str) -> Any:
     """The published row for (dataset, budget); unknown datasets use Flickr30k's rows, unknown budgets the nearest
-    published budget (with a log line saying so)."""
+    published budget (with a log line saying so). Used only when ``mmdd init-params`` resolves the paper profile."""
     rows = table.get(dataset)
     if rows is None:
         log.warning("%s: no published settings for dataset %r; using flickr30k's", method, dataset)
@@ -54,16 +42,14 @@ def nearest_row(table: dict[str, dict[int, Any]], dataset: str, budget: int, met
 
 
 class MatchingMethod(Method):
-    """A registered trajectory-matching method = a set of engine defaults per preset."""
-
-    needs_experts: ClassVar[bool] = True
-    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    """A trajectory-matching method = engine defaults per profile; it needs the experts, and the shortcut
+    artifacts of any phase whose teacher is ``shortcut(start, end)``."""
 
     @classmethod
-    def default_params(cls, preset: str, dataset: str, budget: int) -> dict[str, Any]:
-        if preset == "paper":
+    def default_params(cls, profile: str, dataset: str, budget: int) -> dict[str, Any]:
+        if profile == "paper":
             return cls.paper_params(dataset, budget)
-        params = dict(ENGINE_DEFAULTS, **cls.defaults.get(preset, cls.defaults["quick"]))
+        params = dict(ENGINE_DEFAULTS, **super().default_params(profile, dataset, budget))
         if isinstance(params.get("batch_size"), int):  # small budgets: a batch cannot exceed the pairs
             params["batch_size"] = max(1, min(params["batch_size"], budget))
         return params
@@ -72,10 +58,13 @@ class MatchingMethod(Method):
     def paper_params(cls, dataset: str, budget: int) -> dict[str, Any]:
         return dict(ENGINE_DEFAULTS, **cls.defaults["paper"])
 
-    def config(self, task: DistillTask) -> EngineConfig:
-        params = dict(self.default_params(task.preset, task.dataset, task.budget))
-        params.update(task.params or {})
-        return EngineConfig.from_params(params, task.budget)
+    @classmethod
+    def requirements(cls, params: dict[str, Any], budget: int) -> list[Requirement]:
+        reqs = [Requirement(EXPERTS)]
+        for ph in EngineConfig.from_params(params, budget).phases:
+            if ph.teacher.kind == "shortcut" and shortcut_requirement(ph.teacher) not in reqs:
+                reqs.append(shortcut_requirement(ph.teacher))
+        return reqs
 
     def distill(self, task: DistillTask) -> DistilledSet:
-        return MatchingEngine(task, self.config(task), self.name).run()
+        return MatchingEngine(task, EngineConfig.from_params(task.params, task.budget), self.name).run()

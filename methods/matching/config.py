@@ -8,7 +8,7 @@ Key ↔ dataclass map (every key is optional here; the registered methods ship c
 
 =====================  =========================================================================================
 ``unroll``             ``full`` (gradient through the whole unrolled inner loop, second order) or ``tesla``
-                       (memory-efficient detached-chain gradient, REFERENCE_METHODS §4.2.3). Different objectives.
+                       (memory-efficient detached-chain gradient, docs/methods.md#tesla). Different objectives.
 ``full_impl``          how ``full`` is differentiated: ``graph`` (one autograd graph over all steps; memory grows
                        with ``syn_steps``) or ``adjoint`` (reverse sweep that recomputes one step at a time: the
                        same gradient, memory flat in ``syn_steps``, one extra forward/backward per step).
@@ -33,10 +33,6 @@ Key ↔ dataclass map (every key is optional here; the registered methods ship c
 ``inner_dropout``      ``replay`` (student in train mode; the recompute pass replays each step's RNG so it sees the
                        same dropout masks) or ``off`` (student in eval mode, no dropout).
 ``dtype``              ``float32`` or ``float64`` (tests).  ``teacher_cache_mb``: RAM/VRAM cache for expert epochs.
-``shortcut_dir``       where the ``mmdd shortcut`` files are: the directory itself or a root holding
-                       ``shortcut_s{start}_e{end}/`` per segment; null: the task's ``shortcuts`` root, then
-                       ``<experts dir>/shortcut_s{start}_e{end}``.
-                       Without matching files the β tables are computed in memory from the raw experts.
 ``bug_compat``         :class:`BugCompat` flags (all off by default).
 ``checkpoint_every``   k: the harness's Checkpointer saves every k outer iterations (0: never); not an engine field.
 =====================  =========================================================================================
@@ -50,11 +46,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmark.constants import SIMILARITY_KINDS as SIMILARITIES
 from benchmark.losses import LOSSES
 
 UNROLLS = ("full", "tesla")
 FULL_IMPLS = ("graph", "adjoint")
-SIMILARITIES = ("none", "full", "lowrank")
 NORMALIZE = ("separate", "merged")
 DROPOUT = ("replay", "off")
 DTYPES = ("float32", "float64")
@@ -71,7 +67,7 @@ def _fail(fld: str, msg: str, fix: str) -> ConfigError:
 @dataclass(frozen=True)
 class TeacherSpec:
     """``raw`` expert trajectories, or ``shortcut(start, end)``: the straight-line (convexified) trajectories of
-    REFERENCE_METHODS §4.3.2 over epochs ``start..end`` **inclusive** (PTM's directory ``convexified_0_6`` is
+    docs/methods.md#shortcut-teachers over epochs ``start..end`` **inclusive** (PTM's directory ``convexified_0_6`` is
     ``shortcut(0, 5)``: its END is exclusive)."""
 
     kind: str = "raw"
@@ -146,17 +142,17 @@ class PhaseSpec:
 
 @dataclass(frozen=True)
 class BugCompat:
-    """Switches that reproduce published numerics; each is off by default (REFERENCE_METHODS §7).
+    """Switches that reproduce published numerics; each is off by default (docs/methods.md#bug-compatibility-flags).
 
-    * ``mtt_logit_scale`` — MTT-VL's inner loop multiplies the cosine logits by log(1/τ)=2.66 instead of 1/τ (§7.2).
-    * ``n_minus_one`` — the published scripts distil N−1 pairs for a nominal budget N (99/199/499, §7.7); with it the
+    * ``mtt_logit_scale`` — MTT-VL's inner loop multiplies the cosine logits by log(1/τ)=2.66 instead of 1/τ (B2).
+    * ``n_minus_one`` — the published scripts distil N−1 pairs for a nominal budget N (99/199/499, B7); with it the
       phases must sum to budget−1.
     * ``dropout_resample`` — the TESLA recompute pass draws fresh dropout masks (not the forward pass's), so the
-      recomputed gradient is not the one that moved θ (§4.2.3, §7.3).
+      recomputed gradient is not the one that moved θ (docs/methods.md#dropout-in-the-inner-loop, B3).
     * ``lr_grad_separate_norm`` — LoRS normalises the η-gradient per tower even when the loss branches are merged
-      (§4.2.3); off: η gets the gradient of the stated (merged) objective.
+      (B30); off: η gets the gradient of the stated (merged) objective.
     * ``inner_temperature`` — a distillation-only temperature for the inner loop (LoRS COCO-500 used 0.1 while the
-      experts and evaluators use 0.07, §7.8); null: the student's temperature.
+      experts and evaluators use 0.07, B8); null: the student's temperature.
     """
 
     mtt_logit_scale: bool = False
@@ -184,53 +180,17 @@ class BugCompat:
         return out
 
 
-# The engine keys with their neutral defaults; methods start from these and override.
-ENGINE_DEFAULTS: dict[str, Any] = {
-    "unroll": "tesla",
-    "full_impl": "graph",
-    "retain_graph": False,
-    "similarity": "none",
-    "sim_rank": 10,
-    "sim_alpha": 1.0,
-    "loss": "ce",
-    "normalize": "separate",
-    "syn_steps": 8,
-    "expert_epochs": 1,
-    "batch_size": 20,
-    "lr_img": 1000.0,
-    "lr_txt": 1000.0,
-    "lr_lr": 0.01,
-    "lr_sim": 10.0,
-    "momentum": 0.5,
-    "momentum_lr": 0.5,
-    "momentum_sim": 0.5,
-    "lr_init_img": 0.1,
-    "lr_init_txt": 0.1,
-    "lr_min": 1e-6,
-    "iterations": 100,
-    "start_window": [0, 2],
-    "teacher": "raw",
-    "ema_decay": 0.0,
-    "phases": [{}],
-    "inner_dropout": "replay",
-    "dtype": "float32",
-    "teacher_cache_mb": 512,
-    "shortcut_dir": None,
-    "bug_compat": {},
-    "checkpoint_every": 0,  # read by the harness (its Checkpointer), not by the engine
-}
-
-_PHASE_KEYS = ("pairs", "teacher", "start_window", "iterations", "ema_decay", "sim_rank")
-
-
 @dataclass(frozen=True)
-class EngineConfig:
-    """Every option of the matching engine (see the module docstring for the meaning of each field)."""
+class EngineParams:
+    """The flat, JSON-able engine keys with their neutral defaults (the table in the module docstring); a method's
+    defaults start from these and override. :meth:`EngineConfig.from_params` validates them."""
 
     unroll: str = "tesla"
     full_impl: str = "graph"
     retain_graph: bool = False
-    similarity: SimilaritySpec = field(default_factory=SimilaritySpec)
+    similarity: str = "none"
+    sim_rank: int = 10
+    sim_alpha: float = 1.0
     loss: str = "ce"
     normalize: str = "separate"
     syn_steps: int = 8
@@ -246,12 +206,59 @@ class EngineConfig:
     lr_init_img: float = 0.1
     lr_init_txt: float = 0.1
     lr_min: float = 1e-6
-    phases: tuple[PhaseSpec, ...] = ()
+    iterations: int = 100
+    start_window: tuple[int, int] = (0, 2)
+    teacher: str = "raw"
+    ema_decay: float = 0.0
+    phases: tuple[dict, ...] = ({},)
     inner_dropout: str = "replay"
     dtype: str = "float32"
     teacher_cache_mb: int = 512
-    shortcut_dir: str | None = None
-    bug_compat: BugCompat = field(default_factory=BugCompat)
+    bug_compat: dict = field(default_factory=dict)
+    checkpoint_every: int = 0  # read by the harness (its Checkpointer), not by the engine
+
+
+def engine_defaults() -> dict[str, Any]:
+    """:class:`EngineParams` as a plain dict (lists, not tuples: the form params.yaml holds)."""
+    out = dataclasses.asdict(EngineParams())
+    out["start_window"] = list(out["start_window"])
+    out["phases"] = [dict(ph) for ph in out["phases"]]
+    return out
+
+
+ENGINE_DEFAULTS: dict[str, Any] = engine_defaults()
+
+_PHASE_KEYS = ("pairs", "teacher", "start_window", "iterations", "ema_decay", "sim_rank")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of the matching engine (see the module docstring for the meaning of each field)."""
+
+    unroll: str
+    full_impl: str
+    retain_graph: bool
+    similarity: SimilaritySpec
+    loss: str
+    normalize: str
+    syn_steps: int
+    expert_epochs: int
+    batch_size: int | None
+    lr_img: float
+    lr_txt: float
+    lr_lr: float
+    lr_sim: float
+    momentum: float
+    momentum_lr: float
+    momentum_sim: float
+    lr_init_img: float
+    lr_init_txt: float
+    lr_min: float
+    phases: tuple[PhaseSpec, ...]
+    inner_dropout: str
+    dtype: str
+    teacher_cache_mb: int
+    bug_compat: BugCompat
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -259,7 +266,7 @@ class EngineConfig:
         """Validate a flat params dict (see :data:`ENGINE_DEFAULTS`) against ``budget``.
 
         Keys that are not engine options are ignored here (a method may carry its own extras)."""
-        p = dict(ENGINE_DEFAULTS)
+        p = engine_defaults()
         p.update(params)
         compat = BugCompat.parse(p["bug_compat"])
 
@@ -309,7 +316,7 @@ class EngineConfig:
             phases=(),
             inner_dropout=choice("inner_dropout", DROPOUT), dtype=choice("dtype", DTYPES),
             teacher_cache_mb=num("teacher_cache_mb", 0, integer=True),
-            shortcut_dir=p["shortcut_dir"], bug_compat=compat,
+            bug_compat=compat,
         )
         if cfg.lr_min >= min(cfg.lr_init_img, cfg.lr_init_txt):
             raise _fail("lr_min", f"{cfg.lr_min} is not below the initial inner learning rates",
@@ -318,10 +325,6 @@ class EngineConfig:
         return dataclasses.replace(cfg, phases=phases)
 
     # ------------------------------------------------------------------ views
-    @property
-    def effective_budget(self) -> int:
-        return sum(ph.pairs for ph in self.phases)
-
     def to_json(self) -> dict[str, Any]:
         """The resolved options as JSON (recorded in the DistilledSet meta and the checkpoint fingerprint)."""
         out: dict[str, Any] = {}

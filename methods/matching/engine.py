@@ -1,6 +1,6 @@
 """The trajectory-matching engine: inner loops, their gradients, and the outer loop over phases.
 
-Notation (REFERENCE_METHODS §4): towers m ∈ {img, txt}; θ_0 = expert at start epoch s, θ* = expert at s + E;
+Notation (docs/methods.md#notation): towers m ∈ {img, txt}; θ_0 = expert at start epoch s, θ* = expert at s + E;
 inner steps i = 0..P−1 on batches B_i of the synthetic data Z = (X, T, similarity parameters):
 
     ℓ_i(θ, Z_i) = Loss(s · cos(f_img(X_{B_i}; θ^img), f_txt(T_{B_i}; θ^txt)), S_{B_i}),  g_i = ∇_θ ℓ_i(θ_i, Z_i),
@@ -14,7 +14,7 @@ inner steps i = 0..P−1 on batches B_i of the synthetic data Z = (X, T, similar
   λ_P = 2 w (θ_P − θ*), and per step i (recomputing its graph): ∂J/∂Z_i = −∂/∂Z_i (Σ_m η_m λ_{i+1}^m · g_i^m),
   ∂J/∂η_m −= λ_{i+1}^m · g_i^m, λ_i = λ_{i+1} − ∂/∂θ_i (Σ_m η_m λ_{i+1}^m · g_i^m). Same gradient, flat memory.
 
-``unroll = "tesla"`` — the detached-chain objective (§4.2.3): θ̄_i are the forward pass's iterates treated as
+``unroll = "tesla"`` — the detached-chain objective (docs/methods.md#tesla): θ̄_i are the forward pass's iterates treated as
 constants, G^m = Σ_i g_i^m(θ̄_i, Z_i), and J = Σ_m w_m ‖θ_0^m − η_m G^m − θ*^m‖². Its exact gradient is
 ∂J/∂Z_i = ∂/∂Z_i (Σ_m v_m · g_i^m(θ̄_i, Z_i)) with v_m = −2 η_m w_m (θ_0^m − η_m G^m − θ*^m), and
 ∂J/∂η_m = −2 w_m G^m · (θ_0^m − η_m G^m − θ*^m). Memory: one step's double-backward graph plus P stored θ̄_i.
@@ -72,6 +72,7 @@ from benchmark.interface import DistillTask
 from benchmark.losses import get_loss
 from benchmark.models.student import FlatStudent
 from benchmark.seeding import derive_seed
+from methods.matching.artifacts import shortcut_requirement
 from methods.matching.config import EngineConfig, PhaseSpec
 from methods.matching.similarity import Similarity, make_similarity
 from methods.matching.teacher import Teacher, make_teacher
@@ -409,7 +410,7 @@ class MomentumSGD:
 
 class EMA:
     """ema ← d·ema + (1 − d)·current after every outer step, initialised to the initial values (no bias
-    correction, §4.3.3); d = 0 keeps a copy of the current values."""
+    correction, docs/methods.md#ema); d = 0 keeps a copy of the current values."""
 
     def __init__(self, decay: float, tensors: dict[str, torch.Tensor]):
         self.decay = float(decay)
@@ -525,7 +526,9 @@ class MatchingEngine:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _teacher(self, k: int, spec: PhaseSpec) -> Teacher:
-        root = self.cfg.shortcut_dir or getattr(self.task, "shortcuts", None)
+        root = None
+        if spec.teacher.kind == "shortcut":
+            root = self.task.prepared_dir(shortcut_requirement(spec.teacher))
         teacher = make_teacher(spec.teacher, self.experts, root, self.cfg.teacher_cache_mb, self._layer_numels)
         teacher.check_window(spec.min_start, spec.max_start, self.cfg.expert_epochs, f"phases[{k}]")
         for m in TOWERS:
@@ -603,6 +606,8 @@ class MatchingEngine:
             done_tensors = {n: v for n, v in tensors.items() if n.startswith("done")}
             self.stats["sec_per_iter"] = list(state["stats"]["sec_per_iter"])
             self.stats["peak_mem_mb"] = list(state["stats"]["peak_mem_mb"])
+        if hasattr(task.logger, "truncate"):
+            task.logger.truncate(global_it)  # the log is part of the resumed state: no lost or repeated iterations
         teachers = []
         for k, spec in enumerate(cfg.phases):
             teacher = self._teacher(k, spec)
@@ -623,20 +628,21 @@ class MatchingEngine:
                                 lr_img=float(lr[0]), lr_txt=float(lr[1]), **fields))
         sec = self.stats["sec_per_iter"]
         meta = {
-            "method": self.method, "params": task.params, "engine": cfg.to_json(), "loss": cfg.loss,
+            "method": self.method, "params": task.params, "engine": cfg.to_json(),
             "seed": task.seed,
-            "budget": task.budget, "dataset": task.dataset, "preset": task.preset,
+            "budget": task.budget, "dataset": task.dataset,
             "student": dataclasses.asdict(task.student),
             "teacher": [dict(t.describe(), start_window=[s.min_start, s.max_start], expert_epochs=cfg.expert_epochs)
                         for t, s in zip(teachers, cfg.phases)],
             "phases": done_meta,
             "saved": "ema" if any(s.ema_decay > 0 for s in cfg.phases) else "final",
-            "stats": {"iterations": len(sec), "sec_per_iter_mean": (sum(sec) / len(sec)) if sec else None,
-                      "peak_mem_mb_max": max(self.stats["peak_mem_mb"], default=None),
-                      "teacher_bytes_read": sum(t.bytes_read for t in teachers),
-                      "teacher_io_s": self.stats["teacher_io_s"]},
+            "stats": {"iterations": len(sec), "teacher_bytes_read": sum(t.bytes_read for t in teachers)},
+            # measurements of this run (the harness keeps them out of the hashed outputs)
+            "volatile": {"sec_per_iter_mean": (sum(sec) / len(sec)) if sec else None,
+                         "peak_mem_mb_max": max(self.stats["peak_mem_mb"], default=None),
+                         "teacher_io_s": self.stats["teacher_io_s"]},
         }
-        out = DistilledSet(phases, meta)
+        out = DistilledSet(phases, meta, loss=cfg.loss)
         out.validate(budget=task.budget)
         return out
 

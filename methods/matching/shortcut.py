@@ -1,4 +1,4 @@
-"""PTM-ST shortcut (convexified) trajectories, REFERENCE_METHODS §4.3.2 — built, stored compactly, and read.
+"""PTM-ST shortcut (convexified) trajectories, docs/methods.md#shortcut-teachers — built, stored compactly, and read.
 
 For an expert trajectory θ(e) and a segment ``start..end`` (both epochs **inclusive**, K = end − start steps), every
 parameter tensor l (each weight, bias, gain) gets
@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mmdd-shortcut"
 FORMAT_VERSION = 2  # 2: content hashes (see module docstring)
-COMMAND = "mmdd shortcut"
+COMMAND = "mmdd prepare"
 
 
 def shortcut_path(directory: str | Path, index: int) -> Path:
@@ -170,18 +170,13 @@ class ShortcutTrajectory:
         w = self.weights(tower, epoch).to(device)
         return (a.double() + w * (b.double() - a.double())).to(a.dtype)
 
-    def iter_epochs(self, tower: str, device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(t, θ̃(t))`` for t = start..end."""
-        for t in self.epochs:
-            yield t, self.read(tower, t, device)
-
 
 class ShortcutCollection:
     """All shortcut files of one directory, sorted by expert index."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        paths = indexed_files(self.directory, "shortcut", "shortcut trajectories", "mmdd shortcut")
+        paths = indexed_files(self.directory, "shortcut", "shortcut trajectories", COMMAND)
         self.items = [ShortcutTrajectory.open(p) for p in paths]
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""Learned target similarity of the synthetic pairs (REFERENCE_METHODS §4.2.1), with per-batch indexing.
+"""Learned target similarity of the synthetic pairs (docs/methods.md#learned-similarity), with per-batch indexing.
 
 The engine never lets autograd see the full-size parameters: :meth:`Similarity.gather` returns batch-sized leaf
 tensors, the inner loss is differentiated with respect to those, and :meth:`Similarity.scatter_` adds the batch
@@ -40,12 +40,6 @@ class Similarity:
     # full view ----------------------------------------------------------------------------------------------------
     def matrix(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         return None
-
-    def phase_fields(self, tensors: dict[str, torch.Tensor]) -> dict:
-        """Keyword arguments of :class:`benchmark.distilled.Phase` for these (e.g. EMA) tensors, float32 on CPU."""
-        out = {"similarity": self.kind, "sim_alpha": float(self.alpha)}
-        out.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
-        return out
 
 
 class FullSimilarity(Similarity):

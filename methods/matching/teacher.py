@@ -2,12 +2,12 @@
 
 Both kinds read only the two epochs an iteration needs (``start`` and ``start + expert_epochs``) from memory-mapped
 files — never a whole expert — and keep recently used epochs in a small LRU cache (``teacher_cache_mb``) on the
-engine's device, so the typical working set (epochs in [min_start, max_start + E] of every expert, §7.27) is read
+engine's device, so the typical working set (epochs in [min_start, max_start + E] of every expert, docs/methods.md B27) is read
 from disk once when it fits.
 
 * :class:`RawTeacher` — the expert trajectories themselves.
 * :class:`ShortcutTeacher` — PTM-ST shortcut trajectories (``shortcut(start, end)``), from the compact files of
-  ``mmdd shortcut`` when present, else computed in memory from the raw experts (β tables only).
+  ``mmdd prepare`` (the harness passes their directory), else computed in memory from the raw experts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from benchmark.experts.store import TOWERS, ExpertCollection
 from methods.matching.config import TeacherSpec
-from methods.matching.shortcut import ShortcutCollection, ShortcutTrajectory, default_shortcut_dir
+from methods.matching.shortcut import ShortcutCollection, ShortcutTrajectory
 
 log = logging.getLogger(__name__)
 
@@ -179,47 +179,32 @@ class ShortcutTeacher(Teacher):
                 "experts": len(self.trajectories), "config_hash": self.config_hash}
 
 
-def _segment_dir(spec: TeacherSpec, experts: ExpertCollection, shortcut_dir: str | Path | None) -> Path | None:
-    """The first candidate directory holding shortcut files: ``shortcut_dir`` itself, then
-    ``default_shortcut_dir(shortcut_dir)``, then ``default_shortcut_dir(<experts dir>)``."""
-    assert spec.end is not None
-    cands = []
-    if shortcut_dir:
-        cands += [Path(shortcut_dir), default_shortcut_dir(shortcut_dir, spec.start, spec.end)]
-    cands.append(default_shortcut_dir(experts.directory, spec.start, spec.end))
-    for c in cands:
-        for p in sorted(c.glob("shortcut_*.safetensors"))[:1] if c.is_dir() else []:
-            try:
-                first = ShortcutTrajectory.open(p)
-            except ValueError:
-                continue
-            if (first.start, first.end) == (spec.start, spec.end):
-                return c
-    return None
-
-
 def make_teacher(spec: TeacherSpec, experts: ExpertCollection, shortcut_dir: str | Path | None = None,
                  cache_mb: int = 512, layer_numels: dict[str, list[int]] | None = None) -> Teacher:
     """The teacher of ``spec`` over ``experts``.
 
-    For ``shortcut(start, end)``: the files of ``mmdd shortcut`` for that segment, looked up in ``shortcut_dir``,
-    in ``default_shortcut_dir(shortcut_dir, start, end)`` and in ``default_shortcut_dir(<experts dir>, start, end)``;
-    when none match (segment, experts, config hash), β is computed in memory from the raw experts (a log line says
-    so) — the same trajectories, only slower to set up."""
+    For ``shortcut(start, end)`` with ``shortcut_dir`` (the harness's prepared artifact): the files built there by
+    ``mmdd prepare``, which must cover every expert with this segment and config hash — anything else is an error
+    naming the fix, never a silent rebuild. Without ``shortcut_dir`` (library use, tests) the β tables are computed
+    in memory from the raw experts: the same trajectories, only slower to set up."""
     if spec.kind == "raw":
         return RawTeacher(experts, cache_mb)
     assert spec.end is not None
-    directory = _segment_dir(spec, experts, shortcut_dir)
     cfg_hash = experts.meta.get("config_hash")
-    if directory is not None:
-        trajs = list(ShortcutCollection(directory))
-        idx_ok = sorted(t.index for t in trajs) == sorted(e.index for e in experts)
-        hash_ok = all(t.meta.get("source_config_hash") == cfg_hash for t in trajs)
-        if idx_ok and hash_ok:
-            return ShortcutTeacher(trajs, str(directory), cache_mb, cfg_hash)
-        log.warning("shortcut files in %s do not match the experts in %s (indices %s, config %s); computing them "
-                    "in memory instead — rerun `mmdd shortcut`", directory, experts.directory, idx_ok, hash_ok)
-    else:
-        log.info("no shortcut files for %s; computing the β tables in memory from the raw experts", spec)
+    if shortcut_dir is not None:
+        directory = Path(shortcut_dir)
+        trajs = list(ShortcutCollection(directory)) if directory.is_dir() else []
+        problems = []
+        if sorted(t.index for t in trajs) != sorted(e.index for e in experts):
+            problems.append(f"expert indices {sorted(t.index for t in trajs)} vs {sorted(e.index for e in experts)}")
+        if any((t.start, t.end) != (spec.start, spec.end) for t in trajs):
+            problems.append(f"segments other than {spec}")
+        if any(t.meta.get("source_config_hash") != cfg_hash for t in trajs):
+            problems.append("another expert configuration")
+        if problems:
+            raise ValueError(f"shortcut files in {directory} do not match the experts in {experts.directory} "
+                             f"({'; '.join(problems)}): rerun `mmdd prepare` for this method")
+        return ShortcutTeacher(trajs, str(directory), cache_mb, cfg_hash)
+    log.info("no prepared shortcut files for %s; computing the β tables in memory from the raw experts", spec)
     trajs = [ShortcutTrajectory.from_expert(e, spec.start, spec.end, layer_numels) for e in experts]
     return ShortcutTeacher(trajs, f"in-memory from {experts.directory}", cache_mb, cfg_hash)

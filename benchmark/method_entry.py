@@ -1,6 +1,6 @@
 """Container-side entry point: register out-of-tree methods named on the command line, then run ``mmdd``.
 
-``python -m benchmark.runners.inside [--register NAME=MODULE:CLASS ...] -- run-method ...`` mirrors what the
+``python -m benchmark.method_entry [--register NAME=MODULE:CLASS ...] -- run-method ...`` mirrors what the
 ``mmdd.methods`` entry-point group does on the host, for an entry whose package is mounted rather than installed.
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m benchmark.runners.inside")
+    parser = argparse.ArgumentParser(prog="python -m benchmark.method_entry")
     parser.add_argument("--register", action="append", default=[], metavar="NAME=MODULE:CLASS")
     args = parser.parse_args(own)
     for item in args.register:

@@ -1,0 +1,104 @@
+"""Stage ``evaluate``: fresh students trained on a cell's distilled set, measured on the test split.
+
+Outputs: ``metrics.json`` (per protocol, per student and mean ± std; pure function of the set's bytes, the
+evaluation settings and the test data) and ``artifacts/`` (image grid, nearest captions, loss curve). The MLflow
+run is recorded *after* the results are written, so a tracking failure never loses computed work; its id and the
+wall time go to ``evaluate.volatile.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.distilled import DistilledSet
+from benchmark.evaluation import evaluate_set
+from benchmark.io import read_json, write_json
+from benchmark.stages.cells import Cell, file_digest, hash_json, read_history
+from benchmark.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+
+
+def split_id(ctx: StageContext, ds: str, split: str) -> str:
+    """Identity of an evaluation split: the bytes of its caption features and the image pipeline."""
+    d = ctx.cfg.data
+    return hash_json([ds, split, file_digest(ctx.features_path(ds, split)), ctx.image_size, d.norm])
+
+
+def evaluate_key(ctx: StageContext, cell_dir: Path, ds: str) -> str:
+    """Everything ``metrics.json`` is a function of, including the set's bytes (not only its JSON)."""
+    for name in ("distilled.safetensors", "distilled.json"):
+        if not (cell_dir / name).is_file():
+            raise FileNotFoundError(f"{cell_dir / name} is missing: run `mmdd distill` for this cell")
+    ecfg = ctx.cfg.eval
+    return hash_json({"set": [file_digest(cell_dir / "distilled.safetensors"),
+                              file_digest(cell_dir / "distilled.json")],
+                      "eval": asdict(ecfg), "student": asdict(ctx.student), "test": split_id(ctx, ds, "test"),
+                      "val": split_id(ctx, ds, "val") if ecfg.select == "val" else None})
+
+
+def evaluate(ctx: StageContext, cell: Cell, force: bool = False) -> dict[str, Any]:
+    """Evaluate one cell's set; returns (and writes) ``metrics.json``."""
+    cell_dir = ctx.cell_dir(cell)
+    key = evaluate_key(ctx, cell_dir, cell.dataset)
+    out_path = cell_dir / "metrics.json"
+    if not force and out_path.exists() and (cell_dir / "artifacts").is_dir() and read_json(out_path).get("key") == key:
+        return read_json(out_path)
+    dset = DistilledSet.load(cell_dir / "distilled")
+    dset.validate(budget=cell.budget, image_shape=(3, ctx.image_size, ctx.image_size),
+                  text_dim=ctx.student.text_dim)
+    ecfg = ctx.cfg.eval
+    val = ctx.eval_split(cell.dataset, "val") if ecfg.select == "val" else None
+    t0 = time.perf_counter()
+    res = evaluate_set(dset, ctx.student, ecfg, ctx.eval_split(cell.dataset, "test"), val, ctx.device, ctx.progress)
+    seconds = time.perf_counter() - t0
+    res.update({"key": key, "pairs": dset.pairs, "bytes": dset.nbytes, "method": cell.method, "budget": cell.budget,
+                "seed": cell.seed, "dataset": cell.dataset})
+    write_json(out_path, res)
+    artifacts = cell_artifacts(ctx, cell, cell_dir, dset)
+    volatile = {"eval_seconds": seconds}
+    distill_volatile = cell_dir / "distill.volatile.json"
+    if distill_volatile.exists():
+        volatile |= {f"distill_{k}": v for k, v in read_json(distill_volatile).items() if k not in ("pairs", "bytes")}
+    if ctx.cfg.tracking.enabled:
+        volatile["mlflow_run_id"] = track(ctx, cell, cell_dir, key, res, dset, artifacts, volatile)
+    write_json(cell_dir / "evaluate.volatile.json", volatile)
+    return res
+
+
+def track(ctx: StageContext, cell: Cell, cell_dir: Path, key: str, res: dict[str, Any], dset: DistilledSet,
+          artifacts: list[Path], volatile: dict[str, Any]) -> str | None:
+    """Record the cell in MLflow; a failure is logged, never raised (the results are already on disk)."""
+    from benchmark.tracking import Tracker, cell_record
+
+    try:
+        tracker = Tracker(ctx.cfg.tracking.uri or None, root=ctx.layout.results_root)
+        rec = cell_record(ctx.cfg, cell, key, res, dset.meta.get("params", {}), read_history(cell_dir),
+                          {k: v for k, v in volatile.items() if k != "mlflow_run_id"})
+        return tracker.log_cell(rec["experiment"], rec["run_name"], rec["cell_key"], rec["params"], rec["tags"],
+                                rec["metrics"], rec["history"], rec["students"], artifacts)
+    except Exception as exc:  # noqa: BLE001 - tracking is a record of results that are already saved
+        log.warning("%s: MLflow tracking failed (%s); metrics.json is written, rerun `mmdd evaluate` to record it",
+                    cell, exc)
+        return None
+
+
+def cell_artifacts(ctx: StageContext, cell: Cell, cell_dir: Path, dset: DistilledSet) -> list[Path]:
+    """Image grid, nearest training caption per distilled text, loss curve (``<cell>/artifacts/``)."""
+    from benchmark.artifacts import save_image_grid, save_loss_curve, save_nearest_captions
+
+    out = cell_dir / "artifacts"
+    images = torch.cat([p.images for p in dset.phases])
+    texts = torch.cat([p.texts for p in dset.phases])
+    train_texts, _ = ctx.features(cell.dataset, "train")  # captions and features only: no image decoding here
+    captions = ctx.caption_split(cell.dataset, "train").captions
+    paths = [save_image_grid(images, ctx.cfg.data.norm, out / "images.png"),
+             save_nearest_captions(texts, train_texts, captions, out / "nearest_captions.tsv")]
+    curve = save_loss_curve(read_history(cell_dir), out / "loss_curve.png", str(cell))
+    return paths + ([curve] if curve else [])
