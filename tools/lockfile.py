@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,6 @@ def dependency_spec(project: dict) -> dict:
 
 
 def read_project(pyproject: Path) -> dict:
-    import tomllib
-
     try:
         return tomllib.loads(pyproject.read_text())["project"]
     except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
