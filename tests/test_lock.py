@@ -138,6 +138,13 @@ def test_stamping_twice_leaves_one_digest_line(project):
     assert twice.replace("1" * 64, "") == once.replace("0" * 64, "")
 
 
+def test_rewriting_the_lock_keeps_it_readable_by_others(project):
+    _, lock = project
+    lock.chmod(0o644)
+    lockfile.write_atomic(lock, lockfile.stamp(lock.read_text(), "2" * 64))
+    assert lock.stat().st_mode & 0o777 == 0o644 and lockfile.read_lock(lock).digest == "2" * 64
+
+
 def test_an_image_without_the_locked_torch_installs_the_whole_lock(project):
     _, lock = project
     _edit(lock, "\ntorch==2.14.1 \\", "\ntorch==2.14.0 \\")  # no interpreter here has 2.14.0
