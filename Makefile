@@ -7,15 +7,28 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: bench test install reproduce-paper ui clean-venv
+.PHONY: bench test install lock reproduce-paper ui clean-venv
 
-$(STAMP): pyproject.toml
+# The environment is requirements.lock (every package pinned, every file's sha256), then the suite itself, no deps.
+LOCK := requirements.lock
+PIP_VERSION := 25.3
+LOCK_VENV ?= build/lock-venv
+LOCK_TOOLS := pip==$(PIP_VERSION) pip-tools==7.6.2
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Re-pin requirements.lock from pyproject.toml (keeps current pins where allowed; LOCK_ARGS=--upgrade moves them all).
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(LOCK_TOOLS)
+	$(LOCK_VENV)/bin/python tools/lockfile.py compile $(LOCK_ARGS)
 
 params.yaml:
 	$(BIN)/mmdd init-params --preset quick

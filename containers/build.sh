@@ -70,7 +70,8 @@ build_gpu() {
   ctx="$(mktemp -d /tmp/mmdd-context.XXXXXX)"
   trap "rm -rf '$ctx'" EXIT
   mkdir -p "$ctx/containers"
-  (cd "$repo" && tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md benchmark methods) | tar -x -C "$ctx"
+  (cd "$repo" && tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml requirements.lock tools/lockfile.py README.md \
+    benchmark methods) | tar -x -C "$ctx"
   cp "$here/Dockerfile.gpu" "$ctx/containers/"
   if [ -n "$ca" ] && [ -f "$ca" ]; then cp "$ca" "$ctx/containers/extra-ca.crt"; fi
   docker build --network host -f "$ctx/containers/Dockerfile.gpu" ${base:+--build-arg "BASE_IMAGE=$base"} \
