@@ -134,7 +134,8 @@ class RawTeacher(Teacher):
         return self.experts.bytes_read
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "raw", "experts_dir": str(self.experts.directory), "experts": len(self.experts),
+        # names, not absolute paths: the record is the same wherever the project lives
+        return {"kind": "raw", "experts_dir": self.experts.directory.name, "experts": len(self.experts),
                 "epochs": [0, self._last], "config_hash": self.experts.meta.get("config_hash")}
 
 
@@ -175,7 +176,8 @@ class ShortcutTeacher(Teacher):
             t.expert.bytes_read for t in self.trajectories if t.expert is not None)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "shortcut", "start": self.start, "end": self.end, "source": self.source,
+        source = self.source if self.source.startswith("in-memory") else Path(self.source).name
+        return {"kind": "shortcut", "start": self.start, "end": self.end, "source": source,
                 "experts": len(self.trajectories), "config_hash": self.config_hash}
 
 
