@@ -101,6 +101,8 @@ class BenchConfig:
     methods: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     # limits of a method run in a container (benchmark.runners.spec.SandboxLimits fields); none change a result
     sandbox: dict[str, Any] = field(default_factory=dict)
+    # torch intra-op threads of every stage process: results are bitwise only for a fixed count (0: torch's default)
+    threads: int = 0
 
     def cell_params(self, method: str, dataset: str, budget: int) -> dict[str, Any]:
         """The resolved parameters of one cell; a clear error when params.yaml lacks them."""
@@ -212,7 +214,7 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
     """Validate a configuration mapping into a :class:`BenchConfig` (``methods`` is taken as given)."""
     from benchmark.data.datasets import DATASETS
 
-    top = {"preset", "profile", "datasets", "text_encoder", "methods", "sandbox", *_SECTIONS}
+    top = {"preset", "profile", "datasets", "text_encoder", "methods", "sandbox", "threads", *_SECTIONS}
     unknown = sorted(set(doc) - top)
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; valid keys: {sorted(top)}")
@@ -236,6 +238,9 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
     sandbox = doc.get("sandbox") or {}
     if not isinstance(sandbox, dict):
         raise ValueError("config key 'sandbox' must map SandboxLimits fields to values (docs/security.md)")
+    threads = doc.get("threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be a non-negative integer (0: torch's default), got {threads!r}")
     preset = str(doc.get("preset", "custom"))
     return BenchConfig(preset=preset, profile=str(doc.get("profile") or preset), datasets=datasets,
-                       text_encoder=encoder, methods=methods, sandbox=dict(sandbox), **sections)
+                       text_encoder=encoder, methods=methods, sandbox=dict(sandbox), threads=threads, **sections)

@@ -173,7 +173,8 @@ def results_readme(preset: str, n_seeds: int, n_students: int, select: str,
              f"{n_seeds} distillation seeds of the mean over {n_students} evaluation students. Protocol `strict` "
              f"(select `{select}`) never looks at test before the final read; `paper` is the published "
              "best-of-test-evaluations protocol, shown only to compare with the papers, whose numbers (where they "
-             "have the cell) are in [brackets] on those rows.", ""]
+             "have the cell) are in [brackets] on those rows. The environment that computed them (versions, torch's "
+             f"CPU kernels, threads): [environment/{preset}.json](environment/{preset}.json).", ""]
     for ds, md, plots, grids in sections:
         lines += [f"## {ds}", "", md, "",
                   *[f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots], "",

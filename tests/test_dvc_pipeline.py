@@ -77,6 +77,8 @@ def test_repro_outputs_tables_and_mlflow(project):
     assert len(rows) == 4 and all(line.count("±") == 7 for line in rows)  # tesla-vl rows start with "| tesla"
     assert sum("| strict" in line for line in rows) == 2 and sum("| paper" in line for line in rows) == 2
     assert (root / "results/tables/tiny/shapes.tex").exists() and (root / "results/README.md").exists()
+    env = json.loads((root / "results/environment/tiny.json").read_text())
+    assert env["torch_threads"] == 2 and env["packages"]["torch"] and env["torch_cpu_capability"]
     # MLflow, queried back through the client on the absolute sqlite store inside the project
     client, runs = _mlflow_runs(f"sqlite:///{root / 'mlflow.db'}")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -76,3 +76,19 @@ def test_a_stage_refuses_data_generated_under_another_configuration(tiny_project
     assert main(["distill", *args, *ARGS, "-S", "data.shapes.n_train=200"]) == 2
     assert "generated under another configuration" in caplog.text and "n_train" in caplog.text
     assert not (tmp_path / CELL / "distilled.safetensors").exists()
+
+
+def test_a_tracking_failure_never_loses_the_computed_metrics(tiny_project, tmp_path, monkeypatch, caplog):
+    root, _ = tiny_project
+    shutil.copytree(root / "data", tmp_path / "data")
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    args = stage_args(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    dead = ["-S", "tracking.uri=http://127.0.0.1:9"]  # nothing listens on the discard port
+    assert main(["distill", *args, *ARGS]) == 0
+    assert main(["evaluate", *args, *dead, *ARGS]) == 0
+    assert "MLflow tracking failed" in caplog.text
+    metrics = json.loads((tmp_path / CELL / "metrics.json").read_text())
+    assert metrics["protocols"]["strict"]["r_mean"]["mean"] >= 0
+    assert json.loads((tmp_path / CELL / "evaluate.volatile.json").read_text())["mlflow_run_id"] is None

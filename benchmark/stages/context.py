@@ -30,6 +30,8 @@ class StageContext:
     """One configuration on one machine. Loaded splits are cached per instance (never globally)."""
 
     def __init__(self, cfg: BenchConfig, layout: Layout, device: str | torch.device = "cpu", progress: bool = True):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # a fixed count: reductions split the same way on every machine
         self.cfg = cfg
         self.layout = layout
         self.device = torch.device(device)

@@ -64,7 +64,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
     """The ``dvc.yaml`` document for ``cfg``'s grid."""
     cli = ["mmdd"]
     tower = "benchmark/models/configs/${student.tower}.json"
-    student_params = ["student", "text_encoder", "data.norm", "data.init_transform"]
+    student_params = ["student", "text_encoder", "data.norm", "data.init_transform", "threads"]
     stages: dict[str, Any] = {
         "fetch": {"foreach": "${datasets}", "do": {
             "cmd": " ".join(cli + ["fetch", "--dataset", "${item}", "--no-progress"]),
@@ -73,12 +73,12 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         "embed": {"foreach": "${datasets}", "do": {
             "cmd": " ".join(cli + ["embed", "--dataset", "${item}", "--no-progress"]),
             "deps": ["data/raw/${item}/annotations", *stage_code("embed", root)],
-            "params": ["text_encoder", "data.max_words"], "outs": ["data/features/${item}"]}},
+            "params": ["text_encoder", "data.max_words", "threads"], "outs": ["data/features/${item}"]}},
         "experts": {"foreach": "${datasets}", "do": {
             "cmd": " ".join(cli + ["experts", "--dataset", "${item}", "--no-progress"]),
             "deps": ["data/raw/${item}", "data/features/${item}", tower, *stage_code("experts", root)],
             "params": ["student", "experts", "text_encoder", "data.norm", "data.train_augment",
-                       "data.init_transform"],
+                       "data.init_transform", "threads"],
             "outs": [{"data/experts/${item}": {"persist": True}}]}},
     }
     for m in cfg.grid.methods:
@@ -113,19 +113,20 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
                                "${item.budget}", "--seed", "${item.seed}", "--no-progress"]),
         "deps": ["data/raw/${item.dataset}", "data/features/${item.dataset}", tower, f"{CELL}/distilled.safetensors",
                  f"{CELL}/distilled.json", f"{CELL}/distill_log.jsonl", *stage_code("evaluate", root)],
-        "params": ["eval", "student", "text_encoder", "data.norm"],
+        "params": ["eval", "student", "text_encoder", "data.norm", "threads"],
         "outs": [f"{CELL}/metrics.json", f"{CELL}/artifacts"]}
     stages["full-data"] = {"foreach": "${datasets}", "do": {
         "cmd": " ".join(cli + ["full-data", "--dataset", "${item}", "--no-progress"]),
         "deps": ["data/raw/${item}", "data/features/${item}", tower, *stage_code("full-data", root)],
-        "params": ["eval", "student", "full_data", "text_encoder", "data.norm", "data.init_transform"],
+        "params": ["eval", "student", "full_data", "text_encoder", "data.norm", "data.init_transform", "threads"],
         "outs": ["results/cells/${preset}/${item}/full-data/metrics.json"]}}
     stages["report"] = {
         "cmd": " ".join(cli + ["report", "--no-progress"]),
         "deps": ["results/cells/${preset}", "benchmark/published/published_results.csv",
                  *stage_code("report", root)],
-        "params": ["grid", "eval.protocols", "eval.students", "eval.select"],
-        "outs": [{"results/tables/${preset}": {"cache": False}}, {"results/README.md": {"cache": False}}],
+        "params": ["grid", "eval.protocols", "eval.students", "eval.select", "threads"],
+        "outs": [{"results/tables/${preset}": {"cache": False}}, {"results/README.md": {"cache": False}},
+                 {"results/environment/${preset}.json": {"cache": False}}],
         "metrics": [{"results/metrics/${preset}.json": {"cache": False}}],
         "plots": [{"results/plots/${preset}": {"cache": False}}]}
     return {"vars": ["params.yaml"], "stages": stages}

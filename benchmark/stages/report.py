@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmark import report as rp
+from benchmark.environment import environment_record
 from benchmark.io import atomic_path, write_json
 from benchmark.stages.cells import Cell, read_history
 from benchmark.stages.context import StageContext
@@ -40,6 +41,8 @@ def report(ctx: StageContext) -> dict[str, Any]:
         grids = [(m, ctx.cell_dir(Cell(ds, m, budget, seed)) / "artifacts" / "images.png") for m in g.methods]
         sections.append((ds, md, plots, grids))
     write_json(layout.results_root / "metrics" / f"{cfg.preset}.json", summary)
+    write_json(layout.results_root / "environment" / f"{cfg.preset}.json",
+               environment_record(layout.results_root.parent))
     text = rp.results_readme(cfg.preset, len(g.seeds), cfg.eval.students, cfg.eval.select, sections,
                              layout.results_root)
     with atomic_path(layout.results_root / "README.md") as tmp:
