@@ -46,8 +46,19 @@ class DataConfig:
 
 @dataclass
 class FullDataConfig:
+    """Reference rows. ``epochs``/``lr``: the harness's full-data students (the evaluation optimiser: momentum,
+    weight decay, lr drop). The full-data stage also writes like-for-like references: students trained with the
+    experts' own optimiser and schedule, and the experts themselves at their final epoch and at ``expert_epochs``
+    (e.g. the latest target epoch the raw-teacher methods match)."""
+
     epochs: int = 10
     lr: float = 0.1
+    expert_epochs: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.expert_epochs if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+        if bad:
+            raise ValueError(f"full_data.expert_epochs must be non-negative epochs, got {bad}")
 
 
 @dataclass
@@ -81,6 +92,9 @@ def budget_key(budget: int) -> str:
     return f"b{budget}"
 
 
+ROLES = ("ranking", "smoke", "paper")
+
+
 @dataclass
 class BenchConfig:
     """A whole benchmark configuration. ``profile`` names the methods' default set that ``mmdd init-params``
@@ -103,6 +117,9 @@ class BenchConfig:
     sandbox: dict[str, Any] = field(default_factory=dict)
     # torch intra-op threads of every stage process: results are bitwise only for a fixed count (0: torch's default)
     threads: int = 0
+    # what the preset's table may be used for: ``ranking`` (sized to rank methods with intervals), ``smoke`` (checks
+    # that everything runs; its table ranks nothing), ``paper`` (the published settings)
+    role: str = "ranking"
 
     def cell_params(self, method: str, dataset: str, budget: int) -> dict[str, Any]:
         """The resolved parameters of one cell; a clear error when params.yaml lacks them."""
@@ -214,7 +231,7 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
     """Validate a configuration mapping into a :class:`BenchConfig` (``methods`` is taken as given)."""
     from benchmark.data.datasets import DATASETS
 
-    top = {"preset", "profile", "datasets", "text_encoder", "methods", "sandbox", "threads", *_SECTIONS}
+    top = {"preset", "profile", "role", "datasets", "text_encoder", "methods", "sandbox", "threads", *_SECTIONS}
     unknown = sorted(set(doc) - top)
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; valid keys: {sorted(top)}")
@@ -241,6 +258,10 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
     threads = doc.get("threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be a non-negative integer (0: torch's default), got {threads!r}")
+    role = doc.get("role", "ranking")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     preset = str(doc.get("preset", "custom"))
     return BenchConfig(preset=preset, profile=str(doc.get("profile") or preset), datasets=datasets,
-                       text_encoder=encoder, methods=methods, sandbox=dict(sandbox), threads=threads, **sections)
+                       text_encoder=encoder, methods=methods, sandbox=dict(sandbox), threads=threads, role=role,
+                       **sections)

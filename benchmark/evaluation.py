@@ -31,6 +31,7 @@ from benchmark.training import SGDConfig, contrastive_step, encode, freeze_copy,
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("strict", "paper")
+COMPATS = ("none", "lors", "ptm", "mtt")
 METRIC_KEYS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean")
 
 
@@ -49,8 +50,11 @@ class EvalConfig:
     eval_every: int = 10
     batching: str = "partition"
     seed: int = 0
+    compat: str = "none"  # a published evaluation to reproduce: none | lors | ptm | mtt (see `schedule`)
 
     def __post_init__(self) -> None:
+        if self.compat not in COMPATS:
+            raise ValueError(f"eval.compat must be one of {COMPATS}, got {self.compat!r}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:
             raise ValueError(f"eval.protocols must be a non-empty list from {PROTOCOLS}, got {self.protocols!r}")
@@ -79,21 +83,68 @@ def score(model: DualEncoder, split: SplitData, device: str | torch.device) -> d
 BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How a student is trained on a set's phases: per-phase epochs and (η_img, η_txt), batching, the lr drop, whether
+    one optimiser and scheduler run across all phases, and after which epoch indices the hooks evaluate
+    (``eval_offset`` = 0: epochs every-1, 2·every-1, … and the last; 1: epochs 0, every, 2·every, … and the last)."""
+
+    epochs: list[int]
+    lrs: list[tuple[float, float]]
+    batch_size: int
+    batching: str
+    lr_drop: bool
+    shared_optimizer: bool
+    eval_every: int
+    eval_offset: int = 0
+
+    def evaluates_after(self, epoch: int, epochs: int) -> bool:
+        every = self.eval_every
+        return epoch == epochs - 1 or bool(every) and (epoch + self.eval_offset * (every - 1) + 1) % every == 0
+
+
+def schedule(dset: DistilledSet, cfg: EvalConfig) -> Schedule:
+    """The training schedule of ``cfg`` for ``dset`` (docs/protocols.md#published-evaluation-switches).
+
+    ``none``: each phase for its own epochs (``phase.epochs`` or ``eval.epochs``) with its own stored η, a fresh
+    optimiser and lr drop per phase. ``lors``: 101 epochs, batch 128, overlapping batches, ×0.1 at epoch 51, its η,
+    evaluations at epoch indices 0, 10, …, 100. ``ptm``: as ``lors`` per phase, but one optimiser and one scheduler
+    across all phases (the drop happens in the first phase) and the *last* phase's η for every phase. ``mtt``:
+    51 epochs, batch 64, partition batches, constant lr, η_img for both towers, tested once after training."""
+    phases = dset.phases
+    if cfg.compat == "none":
+        return Schedule([p.epochs or cfg.epochs for p in phases], [(p.lr_img, p.lr_txt) for p in phases],
+                        cfg.batch_size, cfg.batching, cfg.lr_drop, False, cfg.eval_every)
+    if cfg.compat == "lors":
+        return Schedule([101] * len(phases), [(p.lr_img, p.lr_txt) for p in phases], 128, "overlap", True, False,
+                        10, eval_offset=1)
+    if cfg.compat == "ptm":
+        last = (phases[-1].lr_img, phases[-1].lr_txt)
+        return Schedule([101] * len(phases), [last] * len(phases), 128, "overlap", True, True, 10, eval_offset=1)
+    return Schedule([51] * len(phases), [(p.lr_img, p.lr_img) for p in phases], 64, "partition", False, False, 0)
+
+
 def fit(model: DualEncoder, n: int, batch: BatchFn, sgd: SGDConfig, epochs: int, loss: str, batch_size: int,
         generator: torch.Generator, device: str | torch.device, lr_drop: bool = True, batching: str = "partition",
-        every: int = 0, on_eval: Callable[[int], None] | None = None, desc: str = "") -> None:
+        every: int = 0, on_eval: Callable[[int], None] | None = None, desc: str = "",
+        optim: tuple[torch.optim.Optimizer, Any] | None = None, eval_offset: int = 0) -> None:
     """Train ``model`` for ``epochs`` over ``n`` pairs; ``batch(idx)`` returns (images, texts, target or None).
 
-    ``on_eval(epoch)`` is called after epochs ``every-1, 2·every-1, …`` and after the last epoch.
+    ``on_eval(epoch)`` is called after the epochs :meth:`Schedule.evaluates_after` names. ``optim`` = (optimiser,
+    scheduler) continues a shared optimiser (``sgd`` and ``lr_drop`` are then ignored).
     """
-    opt = make_optimizer(model, sgd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2 + 1] if lr_drop else [], 0.1)
+    if optim is None:
+        opt = make_optimizer(model, sgd)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2 + 1] if lr_drop else [], 0.1)
+    else:
+        opt, sched = optim
+    when = Schedule([epochs], [], batch_size, batching, lr_drop, False, every, eval_offset)
     for epoch in tqdm(range(epochs), desc=desc, disable=not desc, leave=False):
         for idx in index_batches(n, batch_size, generator, mode=batching):
             x, t, s = batch(idx)
             contrastive_step(model, opt, x.to(device), t.to(device), None if s is None else s.to(device), loss)
         sched.step()
-        if on_eval is not None and ((every and (epoch + 1) % every == 0) or epoch == epochs - 1):
+        if on_eval is not None and when.evaluates_after(epoch, epochs):
             on_eval(epoch)
 
 
@@ -104,10 +155,16 @@ def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, s
 
     ``on_eval(phase, epoch)`` is called every ``cfg.eval_every`` epochs and at the end of each phase.
     """
+    plan = schedule(dset, cfg)
     with seeded(seed):  # dropout masks come from the global generator
         model = model if model is not None else build_student(student, seed=seed, device=device)
         gen = torch.Generator().manual_seed(seed)
         loss = dset.loss
+        shared = None
+        if plan.shared_optimizer:  # one optimiser and one scheduler for all phases (the PTM reference)
+            opt = make_optimizer(model, SGDConfig(*plan.lrs[0], cfg.momentum, cfg.weight_decay))
+            milestones = [plan.epochs[0] // 2 + 1] if plan.lr_drop else []
+            shared = (opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1))
         for k, phase in enumerate(dset.phases):
             x_all, t_all, s_all = phase.images, phase.texts, phase.target_similarity()
 
@@ -115,9 +172,9 @@ def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, s
                 return x_all[idx], t_all[idx], None if s_all is None else s_all[idx][:, idx]
 
             hook = (lambda e, k=k: on_eval(k, e)) if on_eval else None
-            fit(model, phase.n, batch, SGDConfig(phase.lr_img, phase.lr_txt, cfg.momentum, cfg.weight_decay),
-                phase.epochs or cfg.epochs, loss, cfg.batch_size, gen, device, cfg.lr_drop, cfg.batching,
-                cfg.eval_every, hook)
+            fit(model, phase.n, batch, SGDConfig(*plan.lrs[k], cfg.momentum, cfg.weight_decay), plan.epochs[k], loss,
+                plan.batch_size, gen, device, plan.lr_drop, plan.batching, plan.eval_every, hook, optim=shared,
+                eval_offset=plan.eval_offset)
     return model
 
 
@@ -182,8 +239,10 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def evaluate_full_data(train: TrainData, student: StudentConfig, cfg: EvalConfig, test: SplitData, lr: float,
-                       epochs: int, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Upper reference: students trained on every training pair (identity targets, CE), tested once at the end."""
+                       epochs: int, device: str | torch.device = "cpu", progress: bool = True,
+                       lr_txt: float | None = None) -> dict[str, Any]:
+    """Upper reference: students trained on every training pair (identity targets, CE), tested once at the end.
+    ``cfg`` gives the optimiser (momentum, weight decay, lr drop, batch size); ``lr_txt`` defaults to ``lr``."""
     runs = []
     for k in range(cfg.students):
         seed = derive_seed(cfg.seed, "eval-student", k)
@@ -191,7 +250,23 @@ def evaluate_full_data(train: TrainData, student: StudentConfig, cfg: EvalConfig
             model = build_student(student, seed=seed, device=device)
             gen = torch.Generator().manual_seed(seed)
             fit(model, train.n_pairs, lambda idx: (*train.pairs(idx), None),
-                SGDConfig(lr, lr, cfg.momentum, cfg.weight_decay), epochs, "ce", cfg.batch_size, gen, device,
-                cfg.lr_drop, "partition", desc=f"full-data student {k}" if progress else "")
+                SGDConfig(lr, lr if lr_txt is None else lr_txt, cfg.momentum, cfg.weight_decay), epochs, "ce",
+                cfg.batch_size, gen, device, cfg.lr_drop, "partition",
+                desc=f"full-data student {k}" if progress else "")
         runs.append(score(model, test, device))
+    return {"select": "final", "protocols": {"strict": {"students": runs, **summarize(runs)}}}
+
+
+def evaluate_experts(flat_params: list[tuple[torch.Tensor, torch.Tensor]], student: StudentConfig, test: SplitData,
+                     device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Test retrieval of expert checkpoints given as (flat image-tower, flat text-head) parameters, one per expert;
+    the ± of the summary is the std over experts."""
+    from benchmark.models.student import FlatStudent
+
+    flat = FlatStudent(build_student(student, seed=0, device=device))
+    runs = []
+    for img, txt in flat_params:
+        flat.load_flat("img", img.to(device))
+        flat.load_flat("txt", txt.to(device))
+        runs.append(score(flat.model, test, device))
     return {"select": "final", "protocols": {"strict": {"students": runs, **summarize(runs)}}}

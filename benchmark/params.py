@@ -16,7 +16,7 @@ import yaml
 
 from benchmark.config import BenchConfig, budget_key, config_from_dict, load_preset
 from benchmark.io import atomic_path
-from benchmark.registry import get_method
+from benchmark.registry import get_method, split_variant
 
 log = logging.getLogger(__name__)
 HEADER = """\
@@ -39,11 +39,17 @@ def resolve(preset: str, overrides: list[str] | None = None) -> BenchConfig:
         raise ValueError(f"preset overrides methods {unknown} that are not in grid.methods {cfg.grid.methods}")
     for m in cfg.grid.methods:
         cls = get_method(m)
+        base, variant = split_variant(m)
+        given = method_overrides.get(m) or {}
+        if variant and not given:
+            raise ValueError(f"variant {m!r} has no parameter overrides: add `methods: {{{m}: {{...}}}}` to the preset")
+        # a variant starts from its base method's overrides, so it differs from the base only where it says so
+        overrides = {**(method_overrides.get(base) or {}), **given} if variant else given
         table: dict[str, dict[str, Any]] = {}
         for ds in cfg.datasets:
             table[ds] = {}
             for b in cfg.grid.budgets:
-                params = cls.resolve_params(cfg.profile, ds, b, method_overrides.get(m) or {})
+                params = cls.resolve_params(cfg.profile, ds, b, overrides)
                 cls.requirements(params, b)  # validates the parameters (e.g. the engine's options) now
                 table[ds][budget_key(b)] = params
         cfg.methods[m] = table
@@ -61,7 +67,7 @@ def sandbox_doc(given: dict[str, Any]) -> dict[str, Any]:
 def config_to_doc(cfg: BenchConfig) -> dict[str, Any]:
     """Every field of a validated config, explicitly (DVC tracks params only when they are present)."""
     student = {k: v for k, v in asdict(cfg.student).items() if k not in ("tower_config", "text_dim")}
-    return {"preset": cfg.preset, "profile": cfg.profile, "datasets": list(cfg.datasets),
+    return {"preset": cfg.preset, "profile": cfg.profile, "role": cfg.role, "datasets": list(cfg.datasets),
             "text_encoder": cfg.text_encoder, "data": asdict(cfg.data), "student": student,
             "experts": asdict(cfg.experts), "eval": asdict(cfg.eval), "full_data": asdict(cfg.full_data),
             "tracking": asdict(cfg.tracking), "grid": asdict(cfg.grid), "threads": cfg.threads,

@@ -11,6 +11,18 @@ from benchmark.interface import Method
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mmdd.methods"
+VARIANT_SEP = "__"  # DVC stage names allow only letters, digits, '-' and '_'
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """``"ptm-st__pt-only"`` -> ``("ptm-st", "pt-only")``; a plain name has an empty variant.
+
+    A variant is a registered method run with extra parameter overrides (``methods.<name>`` in the preset): a
+    grid entry of its own (cells, tables), the base method's code and defaults."""
+    base, sep, variant = name.partition(VARIANT_SEP)
+    if sep and not variant:
+        raise ValueError(f"method name {name!r} ends with {VARIANT_SEP!r}: write <method>{VARIANT_SEP}<variant>")
+    return base, variant
 
 
 class _Registry:
@@ -64,10 +76,11 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    """The Method class registered as ``name``; a clear error lists the choices."""
+    """The Method class registered as ``name`` (a variant ``<method>__<variant>`` gets its base method's class);
+    a clear error lists the choices."""
     _REGISTRY.load_entry_points()
     try:
-        return _REGISTRY.methods[name]
+        return _REGISTRY.methods[split_variant(name)[0]]
     except KeyError:
         raise ValueError(f"unknown method {name!r}: choose one of {sorted(_REGISTRY.methods)} "
                          f"(see `mmdd methods`)") from None

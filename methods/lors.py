@@ -13,9 +13,10 @@ Presets:
   normalisation); COCO-500 distils at the experts' τ (``inner_temperature: 0.1`` reproduces its τ = 0.1); the
   recompute pass replays dropout (``dropout_resample``). The scripts run Iteration+1 updates; here exactly
   ``iterations``. Initial pairs are clean (not augmented).
-* ``quick`` — tuned on ``shapes`` (quick CNN, MiniLM features): P = 4, b = 25, lr_img = lr_txt = 100, lr_lr = 0.01,
-  lr_sim = 10, rank 5, α = 1, 40 iterations, ``retain_graph`` (the inner graphs of 4 steps are small). Test r_mean
-  (quick evaluation, 3 students, seed 1): 3.8 / 5.5 at 50 / 100 pairs vs 1.9 / 3.8 for the random coreset.
+* ``quick`` — CPU-scale defaults (quick CNN, MiniLM features): P = 4, b = 25, lr_img = lr_txt = 100,
+  lr_lr = 0.01, lr_sim = 10, rank 5, α = 1, 40 iterations, ``retain_graph`` (the inner graphs of 4 steps are
+  small). Presets override them where a value was chosen on val (``mmdd tune``, records under results/tuning/);
+  results live in results/, not here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any, ClassVar
 from methods.matching import ENGINE_DEFAULTS, MatchingMethod, nearest_row
 from methods.published_rows import LORS_ROWS, row_params
 
-# Tuned on shapes (budget 50, seed 0; eval: quick preset students): r_mean 4.7 vs 1.9 for the random coreset.
 QUICK: dict[str, Any] = {
     "unroll": "tesla", "retain_graph": True, "similarity": "lowrank", "sim_rank": 5, "sim_alpha": 1.0,
     "loss": "wbce", "normalize": "separate", "syn_steps": 4, "expert_epochs": 1, "batch_size": 25,

@@ -13,8 +13,8 @@ Presets:
   log(1/τ) = 2.66 (bug B2): off here, ``bug_compat.mtt_logit_scale=true`` reproduces it. Exact budgets by default;
   ``bug_compat.n_minus_one`` distils N−1 pairs.
 * ``quick`` — P = 4, b = 25 (not N: one graph over P steps of all pairs is what a full unroll costs), lr_img =
-  lr_txt = 100, lr_lr = 0.01, 40 iterations, ``full_impl=graph``. Test r_mean (quick evaluation, seed 1): 5.3 / 6.2
-  at 50 / 100 pairs vs 1.9 / 3.8 for the random coreset.
+  lr_txt = 100, lr_lr = 0.01, 40 iterations, ``full_impl=graph`` (CPU-scale defaults; presets override what
+  they tune on val, records under results/tuning/).
 """
 
 from __future__ import annotations

@@ -18,10 +18,9 @@ Presets:
   of 40 % / 60 %.
 * ``quick`` — two phases (40 % / 60 % of the budget) against ``shortcut(0, 3)`` with starts [0, 2) and
   ``shortcut(0, 4)`` with starts [1, 3) (the quick experts have 4 epochs), 30 iterations per phase, EMA 0.5, P = 4,
-  b = 20, lr_img = lr_txt = 100, lr_lr = 0.01, lr_sim = 10, ``retain_graph``. Test r_mean (quick evaluation, seed 1):
-  3.1 / 6.5 at 50 / 100 pairs vs 1.9 / 3.8 for the random coreset. At these tiny budgets splitting into phases costs
-  more than it gains (one phase of 50 pairs against ``shortcut(0, 3)`` reached 4.0, seed 0); the quick preset keeps
-  two phases so that the curriculum path is exercised. ``tiny``: both phases on ``shortcut(0, 2)``.
+  b = 20, lr_img = lr_txt = 100, lr_lr = 0.01, lr_sim = 10, ``retain_graph`` (CPU-scale defaults for 4-epoch
+  experts; the default preset sets its own phases for its 10-epoch experts and tunes on val, records under
+  results/tuning/). ``tiny``: both phases on ``shortcut(0, 2)``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Presets:
   (docs/methods.md#tesla-vl-hyperparameters: batch, start window, lr_img = lr_txt, lr_lr, merged normalisation for COCO, iterations) are used with
   ``similarity=none`` and ``loss=ce``. Exact budgets by default (``bug_compat.n_minus_one`` for 99/199/499).
 * ``quick`` — LoRS's quick values without the similarity: P = 4, b = 25, lr_img = lr_txt = 100, lr_lr = 0.01,
-  40 iterations, ``retain_graph``. Test r_mean (quick evaluation, seed 1): 4.5 / 6.8 at 50 / 100 pairs vs 1.9 / 3.8
-  for the random coreset.
+  40 iterations, ``retain_graph`` (CPU-scale defaults; presets override what they tune on val, records under
+  results/tuning/).
 """
 
 from __future__ import annotations

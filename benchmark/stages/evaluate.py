@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmark.distilled import DistilledSet
-from benchmark.evaluation import evaluate_set
+from benchmark.evaluation import EvalConfig, evaluate_set
 from benchmark.io import read_json, write_json
+from benchmark.seeding import derive_seed
 from benchmark.stages.cells import Cell, file_digest, hash_json, read_history
 from benchmark.stages.context import StageContext
 
@@ -31,12 +32,19 @@ def split_id(ctx: StageContext, ds: str, split: str) -> str:
     return hash_json([ds, split, file_digest(ctx.features_path(ds, split)), ctx.image_size, d.norm])
 
 
-def evaluate_key(ctx: StageContext, cell_dir: Path, ds: str) -> str:
+def cell_eval_config(ctx: StageContext, cell: Cell) -> EvalConfig:
+    """The evaluation settings of one cell: its students' seeds derive from ``eval.seed`` and the grid seed, so a
+    grid seed is an independent replicate of distillation *and* evaluation (student initialisation, data order,
+    dropout), while every method evaluated under the same grid seed shares those students (paired comparisons)."""
+    return replace(ctx.cfg.eval, seed=derive_seed(ctx.cfg.eval.seed, "grid-seed", cell.seed))
+
+
+def evaluate_key(ctx: StageContext, cell: Cell, cell_dir: Path) -> str:
     """Everything ``metrics.json`` is a function of, including the set's bytes (not only its JSON)."""
     for name in ("distilled.safetensors", "distilled.json"):
         if not (cell_dir / name).is_file():
             raise FileNotFoundError(f"{cell_dir / name} is missing: run `mmdd distill` for this cell")
-    ecfg = ctx.cfg.eval
+    ecfg, ds = cell_eval_config(ctx, cell), cell.dataset
     return hash_json({"set": [file_digest(cell_dir / "distilled.safetensors"),
                               file_digest(cell_dir / "distilled.json")],
                       "eval": asdict(ecfg), "student": asdict(ctx.student), "test": split_id(ctx, ds, "test"),
@@ -46,19 +54,19 @@ def evaluate_key(ctx: StageContext, cell_dir: Path, ds: str) -> str:
 def evaluate(ctx: StageContext, cell: Cell, force: bool = False) -> dict[str, Any]:
     """Evaluate one cell's set; returns (and writes) ``metrics.json``."""
     cell_dir = ctx.cell_dir(cell)
-    key = evaluate_key(ctx, cell_dir, cell.dataset)
+    key = evaluate_key(ctx, cell, cell_dir)
     out_path = cell_dir / "metrics.json"
     if not force and out_path.exists() and (cell_dir / "artifacts").is_dir() and read_json(out_path).get("key") == key:
         return read_json(out_path)
     dset = DistilledSet.load(cell_dir / "distilled")
     dset.validate(budget=cell.budget, image_shape=(3, ctx.image_size, ctx.image_size),
                   text_dim=ctx.student.text_dim)
-    ecfg = ctx.cfg.eval
+    ecfg = cell_eval_config(ctx, cell)
     val = ctx.eval_split(cell.dataset, "val") if ecfg.select == "val" else None
     t0 = time.perf_counter()
     res = evaluate_set(dset, ctx.student, ecfg, ctx.eval_split(cell.dataset, "test"), val, ctx.device, ctx.progress)
     seconds = time.perf_counter() - t0
-    res.update({"key": key, "pairs": dset.pairs, "bytes": dset.nbytes, "method": cell.method, "budget": cell.budget,
+    res.update({"key": key, "eval_seed": ecfg.seed, "pairs": dset.pairs, "bytes": dset.nbytes, "method": cell.method, "budget": cell.budget,
                 "seed": cell.seed, "dataset": cell.dataset})
     write_json(out_path, res)
     artifacts = cell_artifacts(ctx, cell, cell_dir, dset)

@@ -117,9 +117,11 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         "outs": [f"{CELL}/metrics.json", f"{CELL}/artifacts"]}
     stages["full-data"] = {"foreach": "${datasets}", "do": {
         "cmd": " ".join(cli + ["full-data", "--dataset", "${item}", "--no-progress"]),
-        "deps": ["data/raw/${item}", "data/features/${item}", tower, *stage_code("full-data", root)],
-        "params": ["eval", "student", "full_data", "text_encoder", "data.norm", "data.init_transform", "threads"],
-        "outs": ["results/cells/${preset}/${item}/full-data/metrics.json"]}}
+        "deps": ["data/raw/${item}", "data/features/${item}", "data/experts/${item}", tower,
+                 *stage_code("full-data", root)],
+        "params": ["eval", "student", "experts", "full_data", "text_encoder", "data.norm", "data.init_transform",
+                   "threads"],
+        "outs": ["results/cells/${preset}/${item}/full-data"]}}
     stages["report"] = {
         "cmd": " ".join(cli + ["report", "--no-progress"]),
         "deps": ["results/cells/${preset}", "benchmark/published/published_results.csv",
