@@ -108,8 +108,9 @@ def _dvc_stages(root: Path) -> tuple[list[tuple[str, str | None]], set[str]]:
 
     try:
         with Repo(str(root)) as repo:
-            stages = [(s.addressing, s.outs[0].def_path if s.outs else None) for s in repo.index.stages]
-            changed = set(repo.status())
+            changed_keys = set(repo.status())  # keyed like the CLI prints them: relative to the cwd
+            stages = [(s.name, s.outs[0].def_path if s.outs else None) for s in repo.index.stages]
+            changed = {s.name for s in repo.index.stages if s.addressing in changed_keys}
     except DvcException as exc:
         raise RuntimeError(f"dvc status failed in {root}: {exc} (another `dvc repro` holding the lock? retry when "
                            "it finishes)") from None
@@ -151,8 +152,8 @@ def render(status: PipelineStatus) -> str:
         rows.append("every stage is up to date")
     elif missing:
         names = ", ".join(sorted({s.kind for s in missing}))
-        rows.append(f"ETA >= {format_duration(status.eta_s())} for {n_pending} pending stages ({len(missing)} without "
-                    f"a measured time: {names})")
+        eta = "ETA unknown" if len(missing) == n_pending else f"ETA >= {format_duration(status.eta_s())}"
+        rows.append(f"{eta} for {n_pending} pending stages ({len(missing)} without a measured time: {names})")
     else:
         rows.append(f"ETA {format_duration(status.eta_s())} for {n_pending} pending stages (one at a time)")
     return "\n".join(rows)
