@@ -56,7 +56,8 @@ def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--project", default=None, metavar="DIR",
                    help="out-of-tree package directory (not yet installed) to register the entry from")
     p.add_argument("--data-root", default=None,
-                   help="where tiny data is prepared [$XDG_CACHE_HOME or ~/.cache, then /mmdd/check-entry/data]")
+                   help="where tiny data is prepared [~/.cache/mmdd/check-entry/data; $XDG_CACHE_HOME replaces "
+                        "~/.cache]")
     p.add_argument("--budget", type=argtypes.budget, default=None, help="pairs [first budget of the tiny preset]")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the checked runs [0]")
     p.add_argument("--docker", choices=("auto", "off", "require"), default="auto",
