@@ -44,8 +44,10 @@ reproduce-paper: $(STAMP)
 	$(BIN)/mmdd bench
 
 ## MLflow UI on the project's tracking store (http://127.0.0.1:5000).
+## The MLflow UI on the project's store until Ctrl-C; UI_PORT=0 picks a free port (the URL is printed).
+UI_PORT ?= 5000
 ui: $(STAMP)
-	$(BIN)/mmdd ui
+	$(BIN)/mmdd ui --port $(UI_PORT)
 
 test: $(STAMP)
 	$(BIN)/lint-imports

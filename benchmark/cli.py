@@ -9,7 +9,17 @@ import os
 import sys
 from pathlib import Path
 
+from benchmark import argtypes
+
 log = logging.getLogger("mmdd")
+INPUT_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError, FloatingPointError)
+
+
+class MmddParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line (what is wrong, where to look) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -18,23 +28,50 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a params.yaml value for this run only, e.g. -S eval.students=5 (repeatable)")
     p.add_argument("--dataset", action="append", default=None, help="restrict to this dataset (repeatable)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 [cpu]")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1; checked before anything "
+                   "runs [cpu]")
     p.add_argument("--data-root", default=None, help="root of data/ (raw, features, experts) [params data.root]")
     p.add_argument("--results-root", default="results", help="root of results/ [results]")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress: neither bars (terminal) nor periodic progress lines (logs, every "
+                        "$MMDD_PROGRESS_INTERVAL s [30])")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _cell_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", action="append", default=None, help="method name (repeatable) [grid.methods]")
-    p.add_argument("--budget", type=int, action="append", default=None, help="pairs (repeatable) [grid.budgets]")
-    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeatable) [grid.seeds]")
+    p.add_argument("--budget", type=argtypes.budget, action="append", default=None,
+                   help="pairs, >= 1 (repeatable) [grid.budgets]")
+    p.add_argument("--seed", type=argtypes.seed, action="append", default=None, help="seed, >= 0 (repeatable) "
+                   "[grid.seeds]")
     p.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
+
+
+def check_device(device: str | None) -> None:
+    """Fail now, naming the fix, for a device this machine lacks (not minutes later in another stage)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False): "
+                             "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s): use "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine: use --device cpu")
 
 
 def _context(args):
     from benchmark.stages.context import make_context
 
+    check_device(args.device)
     return make_context(args.params, args.overrides, args.dataset, args.device, args.data_root, args.results_root,
                         progress=not args.no_progress)
 
@@ -72,7 +109,20 @@ def cmd_init_params(args) -> int:
 def cmd_ui(args) -> int:
     from benchmark.tracking import serve_ui, tracking_uri
 
-    return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port)
+    return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port, args.timeout)
+
+
+def cmd_status(args) -> int:
+    from benchmark.status import pipeline_status, render
+
+    status = pipeline_status(args.project)
+    if args.json:
+        import json
+
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(render(status))
+    return 0
 
 
 def per_dataset(stage: str):
@@ -141,6 +191,7 @@ def cmd_bench(args) -> int:
     """Every stale stage of dvc.yaml, in order, through the sweep's local executor; recorded with DVC."""
     from benchmark.sweep import run_sweep_command
 
+    check_device(args.device)
     args.targets, args.runner, args.address, args.retries = [], "local", None, 0
     args.cpus_per_task, args.gpus_per_task, args.env, args.log_dir = 1.0, 0, [], "results/logs"
     args.dry_run = False
@@ -158,14 +209,29 @@ STAGE_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmdd", description="mmdd-bench: multimodal dataset distillation benchmark")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("methods", help="list registered methods", description="list registered methods")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmdd-bench")
+    except PackageNotFoundError:  # a source tree that was never installed
+        from benchmark import __version__
+
+        return f"{__version__} (not installed)"
+
+
+def _add(sub, name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+
+
+def _add_info_commands(sub) -> None:
+    p = _add(sub, "methods", "list the registered methods with a one-line description",
+             "List every registered method (in-tree and installed plug-ins of the mmdd.methods entry point) with the "
+             "first line of its docstring.")
     p.set_defaults(func=cmd_methods)
-    p = sub.add_parser("init-params", help="write params.yaml and dvc.yaml from a preset",
-                       description="Resolve a preset (every method's parameters for every dataset and budget) into "
-                                   "params.yaml, and render the matching dvc.yaml.")
+    p = _add(sub, "init-params", "write params.yaml and dvc.yaml from a preset",
+             "Resolve a preset (every method's parameters for every dataset and budget) into params.yaml, and render "
+             "the matching dvc.yaml.")
     p.add_argument("--preset", default="quick", help="preset name (quick, paper, tiny) or a YAML path [quick]")
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. -S grid.seeds=[0,1] (repeatable)")
@@ -173,53 +239,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dvc-yaml", default="dvc.yaml", help="where to render the pipeline [dvc.yaml]")
     p.add_argument("--no-dvc-yaml", action="store_true", help="write params.yaml only")
     p.set_defaults(func=cmd_init_params)
-    p = sub.add_parser("ui", help="open the MLflow UI on the benchmark's tracking store",
-                       description="open the MLflow UI on the benchmark's tracking store")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    p.add_argument("--port", type=int, default=5000, help="port to listen on [5000]")
-    p.add_argument("--results-root", default="results", help="results/ of the project whose store to open")
+    p = _add(sub, "ui", "serve the MLflow UI on the benchmark's tracking store",
+             "Serve the MLflow UI on the benchmark's tracking store ($MLFLOW_TRACKING_URI, else the project's "
+             "mlflow.db) until Ctrl-C. Exits non-zero when the server cannot start; stops every server process on "
+             "exit.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                   "[127.0.0.1]")
+    p.add_argument("--port", type=argtypes.port, default=5000, help="port to listen on; 0 picks a free one [5000]")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to answer [120]")
+    p.add_argument("--results-root", default="results", help="results/ of the project whose store to open "
+                   "[results]")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_ui)
+    p = _add(sub, "status", "count the pipeline's done, stale and remaining stages, with an ETA",
+             "Count the stages of dvc.yaml per kind (distill, evaluate, ...): done, stale (ran before, changed "
+             "since) and remaining (never ran), from one `dvc status`; the ETA sums the measured times "
+             "(*.volatile.json) of the same or sibling cells.")
+    p.add_argument("--project", default=".", help="project directory (holding dvc.yaml) [.]")
+    p.add_argument("--json", action="store_true", help="print the counts, ETA and every stage as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_status)
+
+
+def _add_stage_commands(sub) -> None:
     for name, text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = _add(sub, name, text)
         _common(p)
         if name == "experts":
-            p.add_argument("--index", type=int, action="append", default=None,
+            p.add_argument("--index", type=argtypes.non_negative_int, action="append", default=None,
                            help="train only these expert indices (for parallel workers)")
         if name == "prepare":
             p.add_argument("--method", action="append", default=None, help="method (repeatable) [grid.methods]")
         p.set_defaults(func=cmd_report if name == "report" else per_dataset(name.replace("-", "_")))
-    p = sub.add_parser("run-method", help="run one method for one cell and write its raw DistilledSet to "
-                       "--work-dir (no validation, no evaluation: what a container runner executes)",
-                       description="run one method for one cell (what a container runner executes)")
+    p = _add(sub, "run-method", "run one method for one cell and write its raw DistilledSet to --work-dir",
+             "Run one method for one cell and write its raw DistilledSet to --work-dir, without validation or "
+             "evaluation: what a container runner executes.")
     _common(p)
-    p.add_argument("--method", required=True, help="method name")
-    p.add_argument("--budget", type=int, required=True, help="pairs")
-    p.add_argument("--seed", type=int, required=True, help="seed")
+    p.add_argument("--method", required=True, help="method name (see `mmdd methods`)")
+    p.add_argument("--budget", type=argtypes.budget, required=True, help="pairs, >= 1")
+    p.add_argument("--seed", type=argtypes.seed, required=True, help="seed, >= 0")
     p.add_argument("--work-dir", required=True, help="output directory (the only writable path in a container)")
     p.set_defaults(func=cmd_run_method)
-    p = sub.add_parser("distill", help="distil grid cells (method × budget × seed)",
-                       description="distil grid cells (method × budget × seed)")
+    p = _add(sub, "distill", "distil grid cells (method x budget x seed)")
     _common(p)
     _cell_args(p)
     p.add_argument("--runner", default=os.environ.get("MMDD_RUNNER", "local"),
                    help="where the method runs: local (this process) or docker (an isolated container; the "
                         "harness validates its output) [$MMDD_RUNNER or local]")
     p.set_defaults(func=cmd_distill)
-    p = sub.add_parser("evaluate", help="evaluate distilled sets with fresh students on the test split",
-                       description="evaluate distilled sets with fresh students on the test split")
+    p = _add(sub, "evaluate", "evaluate distilled sets with fresh students on the test split")
     _common(p)
     _cell_args(p)
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("bench", help="bring every stage of dvc.yaml up to date, in order (recorded with DVC)",
-                       description="Run the stale stages of dvc.yaml through the local executor of `mmdd sweep`.")
-    p.add_argument("-j", "--jobs", type=int, default=1, help="stages at a time [1]")
+    p = _add(sub, "bench", "bring every stage of dvc.yaml up to date, in order (recorded with DVC)",
+             "Run the stale stages of dvc.yaml through the local executor of `mmdd sweep`.")
+    p.add_argument("-j", "--jobs", type=argtypes.positive_int, default=1, help="stages at a time [1]")
     p.add_argument("--device", default=None, help="--device for the tensor stages, e.g. cuda [as dvc.yaml]")
     p.add_argument("--project", default=".", help="project directory [.]")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``mmdd`` command; imports no torch (stage modules are imported by the command that runs)."""
     from benchmark.entries import add_entry_commands
     from benchmark.sweep import add_sweep_command
 
+    parser = MmddParser(prog="mmdd", description="mmdd-bench: multimodal dataset distillation benchmark")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_info_commands(sub)
+    _add_stage_commands(sub)
     add_entry_commands(sub)
     add_sweep_command(sub).set_defaults(func=_sweep)
     return parser
@@ -228,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _sweep(args) -> int:
     from benchmark.sweep import run_sweep_command
 
+    if args.runner == "local":
+        check_device(args.device)
     return run_sweep_command(args)
 
 
@@ -236,21 +329,37 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _setup_progress(args) -> None:
+    """Progress on unless --no-progress; off a terminal, tqdm bars of other modules redraw at the log interval."""
+    from benchmark import progress
+
+    settings = progress.configure(enabled=not getattr(args, "no_progress", False))
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", str(settings.interval_s))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     func = getattr(args, "func", None)
-    if func is None:  # entry commands dispatch themselves
-        from benchmark.entries import run_entry_command
-
-        return run_entry_command(args)
     try:
+        _setup_progress(args)
+        if func is None:  # entry commands dispatch themselves
+            from benchmark.entries import run_entry_command
+
+            return run_entry_command(args)
         return func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, FloatingPointError) as exc:
+    except INPUT_ERRORS as exc:
         log.error("%s", exc)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``mmdd`` command: 0 on success, 2 on bad input (one line, no traceback), 130 on Ctrl-C."""
+    try:
+        return _run(argv)
     except KeyboardInterrupt:
-        log.error("interrupted")
+        sys.stderr.write("mmdd: interrupted\n")
         return 130
 
 

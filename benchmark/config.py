@@ -10,6 +10,8 @@ the fix.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -142,13 +144,60 @@ def _build(cls, doc: Any, where: str):
         raise ValueError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
                          f"valid keys: {sorted(known)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in doc.items():
         sub = _SUBSECTIONS.get((cls, name))
+        if not sub:
+            _check_type(f"{where}.{name}", value, hints.get(name, Any))
         kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"config section {where!r}: {exc}") from exc
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (parsed YAML) fits the field type ``hint``; types this cannot judge are accepted."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0] if args else Any) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """A value of the wrong type fails here, naming the key, the value and the expected type."""
+    if _matches(value, hint):
+        return
+    numeric_text = isinstance(value, str) and _is_number(value)
+    fix = f" (YAML reads {value} as text: write a decimal point, e.g. 1.0e-3)" if numeric_text else ""
+    raise ValueError(f"config value {where}={value!r} must be {_type_name(hint)}, not {type(value).__name__}{fix}: "
+                     f"fix it in the params file or the -S {where}=... override")
 
 
 _SUBSECTIONS = {(DataConfig, "shapes"): ShapesConfig}

@@ -14,17 +14,27 @@ Each failure names its rule. ``add_entry_commands`` / ``run_entry_command`` plug
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
+from typing import Any
 
-from benchmark.entries.check import CheckResult, EntryReport, check_entry, default_data_root, load_project_entry
-from benchmark.entries.scaffold import scaffold_in_tree, scaffold_package
+from benchmark import argtypes
 
 __all__ = ["ENTRY_COMMANDS", "CheckResult", "EntryReport", "add_entry_commands", "check_entry", "default_data_root",
            "load_project_entry", "run_entry_command", "scaffold_in_tree", "scaffold_package"]
 
 log = logging.getLogger(__name__)
 ENTRY_COMMANDS = ("new-method", "check-entry")
+# Imported on first use: the checker imports torch, and `mmdd --help` builds this package's parsers.
+_LAZY = {"CheckResult": "check", "EntryReport": "check", "check_entry": "check", "default_data_root": "check",
+         "load_project_entry": "check", "scaffold_in_tree": "scaffold", "scaffold_package": "scaffold"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -45,9 +55,11 @@ def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registered method name")
     p.add_argument("--project", default=None, metavar="DIR",
                    help="out-of-tree package directory (not yet installed) to register the entry from")
-    p.add_argument("--data-root", default=None, help=f"where tiny data is prepared [{default_data_root()}]")
-    p.add_argument("--budget", type=int, default=None, help="pairs [first budget of the tiny preset]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None,
+                   help="where tiny data is prepared [~/.cache/mmdd/check-entry/data; $XDG_CACHE_HOME replaces "
+                        "~/.cache]")
+    p.add_argument("--budget", type=argtypes.budget, default=None, help="pairs [first budget of the tiny preset]")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the checked runs [0]")
     p.add_argument("--docker", choices=("auto", "off", "require"), default="auto",
                    help="container check: run it when Docker answers (auto), skip it (off), or fail without it "
                         "(require) [auto]; the image comes from MMDD_DOCKER_IMAGE")
@@ -57,6 +69,9 @@ def add_entry_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_entry_command(args: argparse.Namespace) -> int:
     """Run ``new-method`` or ``check-entry``: 0 on success, 1 when a check fails, 2 on bad input."""
+    from benchmark.entries.check import check_entry
+    from benchmark.entries.scaffold import scaffold_in_tree, scaffold_package
+
     try:
         if args.command == "new-method":
             if args.out_of_tree:

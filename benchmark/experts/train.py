@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm import tqdm
 
 from benchmark import __version__
 from benchmark.experts.store import expert_path, expert_problem, sidecar_path, write_expert
 from benchmark.interface import TrainData
 from benchmark.models.student import FlatStudent, StudentConfig, build_student
+from benchmark.progress import Progress
 from benchmark.seeding import derive_seed, seeded
 from benchmark.training import SGDConfig, contrastive_step, index_batches, make_optimizer, pair_batches
 
@@ -86,9 +86,13 @@ class ForgettingCounter:
 
 
 def train_expert(index: int, train: TrainData, student: StudentConfig, cfg: ExpertConfig,
-                 device: str | torch.device = "cpu", progress: bool = True
+                 device: str | torch.device = "cpu", progress: bool | Progress = True
                  ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], FlatStudent]:
-    """Train expert ``index``; return its trajectory (flat vectors per tower and epoch) and per-pair stats."""
+    """Train expert ``index``; return its trajectory (flat vectors per tower and epoch) and per-pair stats.
+
+    ``progress``: a shared :class:`Progress` counting epochs (``train_experts``), or whether to show this expert's."""
+    bar = progress if isinstance(progress, Progress) else Progress(cfg.epochs, f"expert {index}", "epoch",
+                                                                    enabled=progress)
     seed = derive_seed(cfg.seed, "expert", index)
     model = build_student(student, seed=seed, device=device)
     flat = FlatStudent(model)
@@ -97,7 +101,7 @@ def train_expert(index: int, train: TrainData, student: StudentConfig, cfg: Expe
     traj = {t: [flat.flat(t).cpu().clone()] for t in ("img", "txt")}
     counter = ForgettingCounter(train.n_pairs)
     drop_last = train.n_pairs > cfg.batch_size
-    for epoch in tqdm(range(cfg.epochs), desc=f"expert {index}", disable=not progress, leave=False):
+    for epoch in range(cfg.epochs):
         batches = list(index_batches(train.n_pairs, cfg.batch_size, gen, drop_last=drop_last))
         for idx, x, t in pair_batches(train, batches, cfg.num_workers, seed + epoch):
             logits = contrastive_step(model, opt, x.to(device), t.to(device), None, "ce")
@@ -105,6 +109,9 @@ def train_expert(index: int, train: TrainData, student: StudentConfig, cfg: Expe
         for t in ("img", "txt"):
             traj[t].append(flat.flat(t).cpu().clone())
         log.debug("expert %d epoch %d done", index, epoch + 1)
+        bar.update()
+    if bar is not progress:
+        bar.close()
     stats = {"forget_count": counter.events, "ever_learned": counter.ever.to(torch.uint8)}
     return traj, stats, flat
 
@@ -121,17 +128,20 @@ def train_experts(out_dir: str | Path, train: TrainData, student: StudentConfig,
     out_dir = Path(out_dir)
     chash = config_hash(student, cfg, data_id)
     paths = []
-    for k in (range(cfg.num_experts) if indices is None else indices):
+    ks = list(range(cfg.num_experts) if indices is None else indices)
+    bar = Progress(len(ks) * cfg.epochs, f"experts ({len(ks)} x {cfg.epochs} epochs)", "epoch", enabled=progress)
+    for k in ks:
         path = expert_path(out_dir, k)
         if path.exists() or sidecar_path(path).exists():
             problem = expert_problem(path, chash)
             if problem is None:
                 log.info("expert %d up to date (%s, content hash verified)", k, path.name)
                 paths.append(path)
+                bar.skip(cfg.epochs)
                 continue
             log.warning("expert %d (%s) %s; retraining it", k, path, problem)
         with seeded(derive_seed(cfg.seed, "expert-rng", k)):
-            traj, stats, flat = train_expert(k, train, student, cfg, device, progress)
+            traj, stats, flat = train_expert(k, train, student, cfg, device, bar)
         meta: dict[str, Any] = {
             "index": k, "config_hash": chash, "data_id": data_id, "epochs": cfg.epochs,
             "expert_config": asdict(cfg), "student": {"tower": student.tower, "text_dim": student.text_dim,
@@ -142,4 +152,5 @@ def train_experts(out_dir: str | Path, train: TrainData, student: StudentConfig,
         write_expert(path, traj, meta, stats)
         paths.append(path)
         log.info("wrote expert %d to %s", k, path)
+    bar.close()
     return paths

@@ -67,15 +67,15 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
     student_params = ["student", "text_encoder", "data.norm", "data.init_transform", "threads"]
     stages: dict[str, Any] = {
         "fetch": {"foreach": "${datasets}", "do": {
-            "cmd": " ".join(cli + ["fetch", "--dataset", "${item}", "--no-progress"]),
+            "cmd": " ".join(cli + ["fetch", "--dataset", "${item}"]),
             "deps": stage_code("fetch", root), "params": ["data.shapes", "data.sources"],
             "outs": [{"data/raw/${item}": {"persist": True}}]}},
         "embed": {"foreach": "${datasets}", "do": {
-            "cmd": " ".join(cli + ["embed", "--dataset", "${item}", "--no-progress"]),
+            "cmd": " ".join(cli + ["embed", "--dataset", "${item}"]),
             "deps": ["data/raw/${item}/annotations", *stage_code("embed", root)],
             "params": ["text_encoder", "data.max_words", "threads"], "outs": ["data/features/${item}"]}},
         "experts": {"foreach": "${datasets}", "do": {
-            "cmd": " ".join(cli + ["experts", "--dataset", "${item}", "--no-progress"]),
+            "cmd": " ".join(cli + ["experts", "--dataset", "${item}"]),
             "deps": ["data/raw/${item}", "data/features/${item}", tower, *stage_code("experts", root)],
             "params": ["student", "experts", "text_encoder", "data.norm", "data.train_augment",
                        "data.init_transform", "threads"],
@@ -88,7 +88,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
             continue
         builders = sorted({type(get_artifact_kind(r.kind)).__module__ for r in kinds})
         stages[f"prepare-{m}"] = {"foreach": "${datasets}", "do": {
-            "cmd": " ".join(cli + ["prepare", "--method", m, "--dataset", "${item}", "--no-progress"]),
+            "cmd": " ".join(cli + ["prepare", "--method", m, "--dataset", "${item}"]),
             "deps": ["data/experts/${item}", *stage_code("prepare", root, builders)],
             "params": [f"methods.{m}.${{item}}"], "outs": [f"data/prepared/${{item}}/{m}"]}}
     for m in cfg.grid.methods:
@@ -102,7 +102,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         stages[f"distill-{m}"] = {
             "matrix": {"dataset": "${datasets}", "budget": "${grid.budgets}", "seed": "${grid.seeds}"},
             "cmd": " ".join(cli + ["distill", "--method", m, "--dataset", "${item.dataset}", "--budget",
-                                   "${item.budget}", "--seed", "${item.seed}", "--no-progress"]),
+                                   "${item.budget}", "--seed", "${item.seed}"]),
             "deps": deps + stage_code("distill", root, method_modules(m, root)),
             "params": student_params + [f"methods.{m}.${{item.dataset}}.b${{item.budget}}"],
             "outs": [f"{cell}/distilled.safetensors", f"{cell}/distilled.json", f"{cell}/distill_log.jsonl"]}
@@ -110,20 +110,20 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         "matrix": {"dataset": "${datasets}", "method": "${grid.methods}", "budget": "${grid.budgets}",
                    "seed": "${grid.seeds}"},
         "cmd": " ".join(cli + ["evaluate", "--method", "${item.method}", "--dataset", "${item.dataset}", "--budget",
-                               "${item.budget}", "--seed", "${item.seed}", "--no-progress"]),
+                               "${item.budget}", "--seed", "${item.seed}"]),
         "deps": ["data/raw/${item.dataset}", "data/features/${item.dataset}", tower, f"{CELL}/distilled.safetensors",
                  f"{CELL}/distilled.json", f"{CELL}/distill_log.jsonl", *stage_code("evaluate", root)],
         "params": ["eval", "student", "text_encoder", "data.norm", "threads"],
         "outs": [f"{CELL}/metrics.json", f"{CELL}/artifacts"]}
     stages["full-data"] = {"foreach": "${datasets}", "do": {
-        "cmd": " ".join(cli + ["full-data", "--dataset", "${item}", "--no-progress"]),
+        "cmd": " ".join(cli + ["full-data", "--dataset", "${item}"]),
         "deps": ["data/raw/${item}", "data/features/${item}", "data/experts/${item}", tower,
                  *stage_code("full-data", root)],
         "params": ["eval", "student", "experts", "full_data", "text_encoder", "data.norm", "data.init_transform",
                    "threads"],
         "outs": ["results/cells/${preset}/${item}/full-data"]}}
     stages["report"] = {
-        "cmd": " ".join(cli + ["report", "--no-progress"]),
+        "cmd": " ".join(cli + ["report"]),
         "deps": ["results/cells/${preset}", "benchmark/published/published_results.csv",
                  *stage_code("report", root)],
         "params": ["grid", "eval.protocols", "eval.students", "eval.select", "threads"],

@@ -64,13 +64,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmark.distilled import DistilledSet, Phase
 from benchmark.experts.store import TOWERS
 from benchmark.interface import DistillTask
 from benchmark.losses import get_loss
 from benchmark.models.student import FlatStudent
+from benchmark.progress import Progress
 from benchmark.seeding import derive_seed
 from methods.matching.artifacts import shortcut_requirement
 from methods.matching.config import EngineConfig, PhaseSpec
@@ -677,9 +677,8 @@ class MatchingEngine:
             sampler.load({n.split(".", 1)[1]: v for n, v in tensors.items() if n.startswith("sampler.")},
                          state["sampler"])
         meter = StepMeter(self.device)
-        bar = tqdm(range(start_it, spec.iterations), desc=f"{self.method} phase {k}", unit="it", disable=None,
-                   initial=start_it, total=spec.iterations)
-        for it in bar:
+        bar = Progress(spec.iterations, f"{self.method} phase {k + 1}/{len(cfg.phases)}", initial=start_it)
+        for it in range(start_it, spec.iterations):
             meter.start()
             plan = sampler.next()
             t_io = time.perf_counter()
@@ -705,7 +704,7 @@ class MatchingEngine:
                              "peak_mem_mb": peak, "mem_base_mb": meter.base_mb, "phase": k,
                              "start_epoch": plan.start, "expert": plan.expert},
                             step=global_it)
-            bar.set_postfix(loss=f"{float(res.objective):.4f}", refresh=False)
+            bar.update(loss=f"{float(res.objective):.4f}")
             for cb in self.callbacks:
                 cb(self, k, it + 1, syn)
             if task.checkpoint.due(global_it):
