@@ -1,4 +1,4 @@
-# Front door. `make bench` runs the quick benchmark (the stages of dvc.yaml, recorded by DVC); `make test` runs the
+# Front door. `make bench` runs the default benchmark (the stages of dvc.yaml, recorded by DVC); `make test` runs the
 # import-layering contracts and the test suite.
 # Each creates the virtual environment (.venv) when it is missing.
 PY ?= python3
@@ -31,7 +31,7 @@ lock:
 	$(LOCK_VENV)/bin/python tools/lockfile.py compile $(LOCK_ARGS)
 
 params.yaml:
-	$(BIN)/mmdd init-params --preset quick
+	$(BIN)/mmdd init-params --preset default
 
 ## The embedded default: every method on `shapes`, on CPU: the stale stages of dvc.yaml; prints the table at the end.
 bench: $(STAMP) params.yaml

@@ -176,6 +176,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import yaml
+
+    from benchmark.stages.tune import tune
+
+    ctx = _context(args)
+    values = [yaml.safe_load(v) for v in args.values.split(",")]
+    for ds in ctx.cfg.datasets:
+        rec = tune(ctx, args.method, ds, args.budget or ctx.cfg.grid.budgets[0], args.param, values,
+                   args.seed or [1000])
+        print(f"{ds}: {args.method} {args.param} = {rec['params'][args.param]['chosen']!r} (chosen on val)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from benchmark.stages.report import report
 
@@ -232,7 +246,8 @@ def _add_info_commands(sub) -> None:
     p = _add(sub, "init-params", "write params.yaml and dvc.yaml from a preset",
              "Resolve a preset (every method's parameters for every dataset and budget) into params.yaml, and render "
              "the matching dvc.yaml.")
-    p.add_argument("--preset", default="quick", help="preset name (quick, paper, tiny) or a YAML path [quick]")
+    p.add_argument("--preset", default="default",
+                   help="preset name (default, smoke, paper, tiny) or a YAML path [default]")
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. -S grid.seeds=[0,1] (repeatable)")
     p.add_argument("--out", default="params.yaml", help="output path [params.yaml]")
@@ -291,6 +306,19 @@ def _add_stage_commands(sub) -> None:
     _common(p)
     _cell_args(p)
     p.set_defaults(func=cmd_evaluate)
+    p = _add(sub, "tune", "choose one method parameter on the val split and record how",
+             "Distil a cell once per candidate value (tuning seeds, never grid seeds), score each set's evaluation "
+             "students on val (never test), and record every candidate and the chosen value under "
+             "results/tuning/<preset>/<dataset>/<method>.json; then put the value in the preset's methods: section.")
+    _common(p)
+    p.add_argument("--method", required=True, help="method name (a variant too), as in grid.methods")
+    p.add_argument("--param", required=True,
+                   help="parameter name; comma-separated names share each value, e.g. lr_img,lr_txt")
+    p.add_argument("--values", required=True, help="candidate values, comma-separated YAML, e.g. 100,300,1000")
+    p.add_argument("--budget", type=argtypes.budget, default=None, help="pairs [the grid's first budget]")
+    p.add_argument("--seed", type=argtypes.seed, action="append", default=None,
+                   help="tuning seed, outside grid.seeds (repeatable) [1000]")
+    p.set_defaults(func=cmd_tune)
     p = _add(sub, "bench", "bring every stage of dvc.yaml up to date, in order (recorded with DVC)",
              "Run the stale stages of dvc.yaml through the local executor of `mmdd sweep`.")
     p.add_argument("-j", "--jobs", type=argtypes.positive_int, default=1, help="stages at a time [1]")

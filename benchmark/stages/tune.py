@@ -31,13 +31,17 @@ RULE = "highest mean val r_mean over the tuning seeds (strict protocol, final mo
 
 
 def candidate_context(ctx: StageContext, cell: Cell, param: str, value: Any) -> StageContext:
-    """``ctx`` with one parameter of ``cell``'s params replaced and results under the tuning work directory."""
+    """``ctx`` with ``cell``'s parameter ``param`` set to ``value`` (``"lr_img,lr_txt"`` sets both to the same value)
+    and results under the tuning work directory."""
     params = ctx.cfg.cell_params(cell.method, cell.dataset, cell.budget)
-    if param not in params:
-        raise ValueError(f"method {cell.method!r} has no parameter {param!r}; known: {sorted(params)}")
+    names = param.split(",")
+    for name in names:
+        if name not in params:
+            raise ValueError(f"method {cell.method!r} has no parameter {name!r}; known: {sorted(params)}")
     cfg = copy.deepcopy(ctx.cfg)
-    cfg.methods[cell.method][cell.dataset][budget_key(cell.budget)][param] = value
-    work = ctx.layout.results_root / "tuning" / cfg.preset / "work"
+    for name in names:
+        cfg.methods[cell.method][cell.dataset][budget_key(cell.budget)][name] = value
+    work = ctx.layout.results_root / "tuning" / cfg.preset / "work" / f"{param}={value}"
     return StageContext(cfg, Layout(ctx.layout.data_root, work), ctx.device, progress=False)
 
 
@@ -73,7 +77,8 @@ def tune(ctx: StageContext, method: str, dataset: str, budget: int, param: str, 
     record["params"][param] = {
         "budget": budget, "seeds": seeds, "rule": RULE, "split": "val", "chosen": candidates[best]["value"],
         "candidates": candidates,
-        "fixed": {k: v for k, v in ctx.cfg.cell_params(method, dataset, budget).items() if k != param},
+        "fixed": {k: v for k, v in ctx.cfg.cell_params(method, dataset, budget).items()
+                  if k not in param.split(",")},
         "eval": {"students": ctx.cfg.eval.students, "epochs": ctx.cfg.eval.epochs}}
     write_json(path, record)
     log.info("%s: chose %s=%r on val; record: %s", method, param, candidates[best]["value"], path)
