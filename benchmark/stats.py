@@ -12,8 +12,8 @@ small-sample choice otherwise:
     of the per-seed differences and ``scipy.stats.ttest_rel``'s two-sided p-value, n = the number of matched seeds;
   - **Welch** (the fallback when the two seed sets differ): ``scipy.stats.ttest_ind(equal_var=False)``, the
     Welch-Satterthwaite interval of the difference of means; n = the seeds of ``a`` plus those of ``b``.
-  A comparison whose differences (paired) or both samples (Welch) have zero spread is decided exactly: p = 1 when
-  the difference is 0, else p = 0, and the interval is the point. With fewer than two values on a side nothing can
+  A comparison whose differences (paired) or both samples (Welch) have no spread beyond float rounding is decided
+  exactly: p = 1 when the difference is 0, else p = 0, and the interval is the point. With fewer than two values on a side nothing can
   be tested: the interval is NaN and p = 1 (no evidence of a difference).
 
 **Ranking rule.** Methods are sorted by mean (higher is better; equal means by name). The first method leads the
@@ -111,8 +111,14 @@ def compare(a: Mapping[int, float], b: Mapping[int, float], name_a: str = "a", n
     return _welch(np.array(list(a.values()), float), np.array(list(b.values()), float), name_a, name_b)
 
 
-def _exact(diff: float, n: int, test: str, name_a: str, name_b: str) -> Comparison:
-    return Comparison(name_a, name_b, diff, diff, diff, 0.0 if diff != 0 else 1.0, n, test)
+def _constant(x: np.ndarray) -> bool:
+    """All values equal up to float rounding (a t statistic of rounding noise would be meaningless)."""
+    return float(np.ptp(x)) <= 1e-9 * max(1.0, float(np.abs(x).max()))
+
+
+def _exact(diff: float, scale: float, n: int, test: str, name_a: str, name_b: str) -> Comparison:
+    zero = abs(diff) <= 1e-9 * max(1.0, scale)
+    return Comparison(name_a, name_b, diff, diff, diff, 1.0 if zero else 0.0, n, test)
 
 
 def _untestable(diff: float, n: int, test: str, name_a: str, name_b: str) -> Comparison:
@@ -122,8 +128,8 @@ def _untestable(diff: float, n: int, test: str, name_a: str, name_b: str) -> Com
 def _paired(x: np.ndarray, y: np.ndarray, name_a: str, name_b: str) -> Comparison:
     d = x - y
     diff = float(d.mean())
-    if np.all(d == d[0]):
-        return _exact(diff, d.size, PAIRED, name_a, name_b)
+    if _constant(d):
+        return _exact(diff, float(np.abs(np.r_[x, y]).max()), d.size, PAIRED, name_a, name_b)
     res = sps.ttest_rel(x, y)
     ci = res.confidence_interval(CONFIDENCE)
     return Comparison(name_a, name_b, diff, float(ci.low), float(ci.high), float(res.pvalue), d.size, PAIRED)
@@ -136,8 +142,8 @@ def _welch(x: np.ndarray, y: np.ndarray, name_a: str, name_b: str) -> Comparison
     n = int(x.size + y.size)
     if x.size < 2 or y.size < 2:
         return _untestable(diff, n, WELCH, name_a, name_b)
-    if np.all(x == x[0]) and np.all(y == y[0]):
-        return _exact(diff, n, WELCH, name_a, name_b)
+    if _constant(x) and _constant(y):
+        return _exact(diff, float(np.abs(np.r_[x, y]).max()), n, WELCH, name_a, name_b)
     res = sps.ttest_ind(x, y, equal_var=False)
     ci = res.confidence_interval(CONFIDENCE)
     return Comparison(name_a, name_b, diff, float(ci.low), float(ci.high), float(res.pvalue), n, WELCH)

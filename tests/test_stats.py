@@ -57,6 +57,14 @@ def test_pairing_removes_shared_seed_noise():
     assert compare(a, {s + 10: v for s, v in b.items()}).p > 0.5
 
 
+def test_differences_constant_up_to_rounding_are_decided_exactly():
+    a = {0: 0.3, 1: 1.7, 2: 2.9}
+    shifted = compare(a, {s: v - 0.7 for s, v in a.items()})  # 0.7 in floats: differences equal up to rounding
+    assert shifted.p == 0.0 and shifted.lo == shifted.hi == pytest.approx(0.7)
+    same = compare(a, {s: (v + 0.1) - 0.1 for s, v in a.items()})
+    assert same.p == 1.0 and same.diff == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_single_seed_cannot_be_tested():
     c = compare({0: 3.0}, {0: 1.0})
     assert c.test == WELCH and c.p == 1.0 and math.isnan(c.lo) and c.diff == 2.0
