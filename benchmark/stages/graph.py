@@ -126,6 +126,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
                  *stage_code("report", root)],
         "params": ["grid", "report", "eval.protocols", "eval.students", "eval.select", "threads"],
         "outs": [{"results/tables/${preset}": {"cache": False}}, {"results/README.md": {"cache": False}},
+                 {"results/${preset}.md": {"cache": False}},
                  {"results/environment/${preset}.json": {"cache": False}}],
         "metrics": [{"results/metrics/${preset}.json": {"cache": False}}],
         "plots": [{"results/plots/${preset}": {"cache": False}}]}
