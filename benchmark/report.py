@@ -52,7 +52,7 @@ def lr_at_floor(distilled: dict[str, Any]) -> bool:
 
 def normalised_loss(rec: dict[str, Any]) -> float | None:
     """One log record's normalised matching loss: ``loss`` when logged, else the mean of the per-tower ratios
-    ``match_loss_img``/``match_loss_txt`` (each ‖θ − θ*‖² / ‖θ_start − θ*‖², so 1 is no progress), else
+    ``match_loss_img``/``match_loss_txt`` (each ‖θ − θ*‖² / ‖θ_start − θ*‖²: 1 is no progress), else
     ``match_loss``; None when the record has none."""
     if "loss" in rec:
         return float(rec["loss"])
@@ -163,26 +163,24 @@ def compared_methods(methods: Sequence[str], baseline: str, compare_: Sequence[s
     return [m for m in methods if m not in coresets and m != baseline and m not in study]
 
 
-def comparison_pairs(compared: Sequence[str], baseline: str | None) -> list[tuple[str, str]]:
-    """Each compared method against the baseline, then every pair of compared methods."""
-    vs_base = [(m, baseline) for m in compared if baseline and m != baseline]
-    return vs_base + list(itertools.combinations(compared, 2))
-
-
 def _headline_values(rows: Sequence[Row], protocol: str) -> dict[tuple[str, int | None], dict[int, float]]:
     return {(r.method, r.budget): r.per_seed[HEADLINE] for r in rows if r.protocol == protocol}
 
 
-def comparisons(rows: Sequence[Row], pairs: Sequence[tuple[str, str]], protocol: str) -> list[tuple[int, Comparison]]:
-    """Per budget, each pair's comparison on the headline metric, oriented so that the difference is ≥ 0."""
+def comparisons(rows: Sequence[Row], compared: Sequence[str], baseline: str | None,
+                protocol: str) -> list[tuple[int, Comparison]]:
+    """Per budget, on the headline metric: each compared method minus the baseline (a negative difference: worse
+    than the baseline), then every pair of compared methods, the better mean first (difference ≥ 0)."""
     values = _headline_values(rows, protocol)
     budgets = sorted({r.budget for r in rows if r.budget is not None})
     out = []
     for b in budgets:
-        for a, c in pairs:
-            if (a, b) in values and (c, b) in values:
-                hi, lo = (a, c) if _mean(values[(a, b)]) >= _mean(values[(c, b)]) else (c, a)
-                out.append((b, compare(values[(hi, b)], values[(lo, b)], hi, lo)))
+        have = [m for m in compared if (m, b) in values]
+        if baseline and (baseline, b) in values:
+            out += [(b, compare(values[(m, b)], values[(baseline, b)], m, baseline)) for m in have if m != baseline]
+        for x, y in itertools.combinations(have, 2):
+            hi, lo = (x, y) if _mean(values[(x, b)]) >= _mean(values[(y, b)]) else (y, x)
+            out.append((b, compare(values[(hi, b)], values[(lo, b)], hi, lo)))
     return out
 
 
@@ -213,8 +211,8 @@ class Style:
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", ">": r"\textgreater{}",
                 "<": r"\textless{}", "±": r"$\pm$", "−": "-", "η": r"$\eta$", "≤": r"$\le$", "≥": r"$\ge$",
-                "·": r"$\cdot$", "–": "--", "—": "---", "θ": r"$\theta$", "α": r"$\alpha$", "‖": r"$\|$", "†": r"$^\dagger$",
-                "²": r"$^2$"}
+                "·": r"$\cdot$", "–": "--", "—": "---", "θ": r"$\theta$", "α": r"$\alpha$", "‖": r"$\|$",
+                "†": r"$^\dagger$", "²": r"$^2$"}
 
 
 def tex_escape(text: str) -> str:
@@ -335,9 +333,10 @@ def comparison_table(comps: Sequence[tuple[int, Comparison]], dataset: str, prot
     body = [[str(b), style.esc(c.a), style.esc(c.b), fmt_signed(c.diff, style),
              "-" if math.isnan(c.lo) else f"[{fmt_signed(c.lo, style)}, {fmt_signed(c.hi, style)}]",
              fmt_p(c.p, style), c.test, str(c.n)] for b, c in comps]
-    caption = (f"{title}: difference in mean recall (A − B, points) on {dataset}, protocol {protocol}, with its 95% "
-               "t interval and two-sided p-value (paired t over matched seeds; Welch t where the seeds differ; "
-               "n: seeds compared). p-values are not adjusted for multiple comparisons")
+    caption = (f"{title}: difference in mean recall (A − B, points; against the baseline B, a negative difference "
+               f"is worse) on {dataset}, protocol {protocol}, with its 95% t interval and two-sided p-value (paired "
+               "t over matched seeds; Welch t where the seeds differ; n: seeds compared). p-values are not adjusted "
+               "for multiple comparisons")
     return Table(["pairs", "A", "B", "A − B", "95% CI", "p", "test", "n"], "rllrcrlr", body, caption, label)
 
 
@@ -482,8 +481,8 @@ def build_dataset_report(dataset: str, metrics: Iterable[dict[str, Any]], refere
     compared = compared_methods(main_methods, settings.baseline, settings.compare, settings.coresets, study)
     return DatasetReport(
         dataset, protocol, rows, collect_rows(references), study_rows,
-        comparisons(rows, comparison_pairs(compared, baseline), protocol), rankings(rows, main_methods, protocol),
-        comparisons(study_rows, comparison_pairs(study, None), protocol), rankings(study_rows, study, protocol),
+        comparisons(rows, compared, baseline, protocol), rankings(rows, main_methods, protocol),
+        comparisons(study_rows, study, None, protocol), rankings(study_rows, study, protocol),
         _setting_notes(methods, settings))
 
 

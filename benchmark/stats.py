@@ -13,8 +13,8 @@ small-sample choice otherwise:
   - **Welch** (the fallback when the two seed sets differ): ``scipy.stats.ttest_ind(equal_var=False)``, the
     Welch-Satterthwaite interval of the difference of means; n = the seeds of ``a`` plus those of ``b``.
   A comparison whose differences (paired) or both samples (Welch) have no spread beyond float rounding is decided
-  exactly: p = 1 when the difference is 0, else p = 0, and the interval is the point. With fewer than two values on a side nothing can
-  be tested: the interval is NaN and p = 1 (no evidence of a difference).
+  exactly: p = 1 when the difference is 0, else p = 0, and the interval is the point. With fewer than two values
+  on a side nothing can be tested: the interval is NaN and p = 1 (no evidence of a difference).
 
 **Ranking rule.** Methods are sorted by mean (higher is better; equal means by name). The first method leads the
 first tie group. Going down the list, a method joins the current group when its comparison with the group's

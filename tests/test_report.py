@@ -58,7 +58,8 @@ def test_rows_carry_t_intervals_over_seeds_and_single_runs_their_std_over_studen
 
 
 def test_strict_and_paper_are_separate_tables_with_bytes_seeds_and_published_numbers():
-    published = {("shapes", "lors", 10, "ir1"): (8.3, 0.2, "paper"), ("shapes", "lors", 10, "ir5"): (9.9, None, "paper")}
+    published = {("shapes", "lors", 10, "ir1"): (8.3, 0.2, "paper"),
+                 ("shapes", "lors", 10, "ir5"): (9.9, None, "paper")}
     rep = rp.build_dataset_report("shapes", grid({"random": [1, 2], "lors": [3, 4]}), [], ["random", "lors"],
                                   settings())
     md = rp.dataset_markdown(rep, published)
@@ -108,6 +109,9 @@ def test_comparisons_against_the_baseline_and_between_compared_methods_are_paire
     assert "| paired t |" in md and "not adjusted for multiple comparisons" in md
     explicit = rp.build_dataset_report("shapes", grid(vals), [], list(vals), settings(compare=["herding"]))
     assert [(c.a, c.b) for _, c in explicit.comparisons] == [("herding", "random")]
+    worse = rp.build_dataset_report("shapes", grid({"random": [2.0, 2.5], "bad": [1.0, 1.2]}), [],
+                                    ["random", "bad"], settings())
+    assert [(c.a, c.b, c.diff < 0) for _, c in worse.comparisons] == [("bad", "random", True)]  # method − baseline
 
 
 def test_unmatched_seeds_are_compared_with_welch_and_say_so():
