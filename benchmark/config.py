@@ -89,6 +89,29 @@ class GridConfig:
             raise ValueError(f"grid.methods lists a method twice: {self.methods}")
 
 
+@dataclass
+class ReportConfig:
+    """The report's statistics (docs/protocols.md#statistics). ``baseline``: the method every compared method is
+    tested against; ``compare``: the methods compared pairwise (empty: every grid method not in ``coresets``);
+    ``study``: the methods of the phased-teacher study (e.g. ``ptm-st@pt-only``), reported in their own section
+    and compared among themselves, not in the main table."""
+
+    baseline: str = "random"
+    compare: list[str] = field(default_factory=list)
+    coresets: list[str] = field(default_factory=lambda: ["random", "herding", "kcenter", "forgetting"])
+    study: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.baseline, str) or not self.baseline:
+            raise ValueError(f"report.baseline must be a method name, got {self.baseline!r}")
+        for name in ("compare", "coresets", "study"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+                raise ValueError(f"report.{name} must be a list of method names, got {value!r}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"report.{name} lists a method twice: {value}")
+
+
 def budget_key(budget: int) -> str:
     """The key of a budget under ``methods.<m>.<dataset>`` in params.yaml."""
     return f"b{budget}"
@@ -114,6 +137,7 @@ class BenchConfig:
     full_data: FullDataConfig
     grid: GridConfig
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     methods: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     # limits of a method run in a container (benchmark.runners.spec.SandboxLimits fields); none change a result
     sandbox: dict[str, Any] = field(default_factory=dict)
@@ -202,7 +226,8 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
 
 _SUBSECTIONS = {(DataConfig, "shapes"): ShapesConfig}
 _SECTIONS = {"data": DataConfig, "student": StudentConfig, "experts": ExpertConfig, "eval": EvalConfig,
-             "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig}
+             "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig,
+             "report": ReportConfig}
 PARAMS_FILE = "params.yaml"
 
 
