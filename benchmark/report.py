@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tabulate import tabulate
 
+from benchmark.convergence import TOLERANCE, converged
 from benchmark.io import atomic_path, read_json
+from benchmark.registry import VARIANT_SEP
 from benchmark.stats import ALPHA, Comparison, Interval, Ranked, compare, rank, spread_interval, t_interval
 
 COLUMNS = (("ir1", "IR@1"), ("ir5", "IR@5"), ("ir10", "IR@10"), ("tr1", "TR@1"), ("tr5", "TR@5"), ("tr10", "TR@10"),
@@ -34,6 +36,9 @@ WARNINGS = {
                      "they do not sample evaluation noise",
     "loss>1": "the final normalised matching loss is above 1: the synthetic set ends further from the expert "
               "targets than the starting point",
+    "still-falling": "the matching loss had not flattened: in some phase the mean over the last quarter of the "
+                     f"iterations is more than {100 * TOLERANCE:.0f} % below the quarter before "
+                     "(benchmark/convergence.py)",
 }
 
 
@@ -73,6 +78,8 @@ def cell_warnings(distilled: dict[str, Any] | None, history: Sequence[dict[str, 
     losses = [v for v in (normalised_loss(r) for r in history) if v is not None]
     if losses and losses[-1] > 1:
         out.append("loss>1")
+    if converged(list(history)) is False:
+        out.append("still-falling")
     return out
 
 
@@ -469,16 +476,20 @@ class DatasetReport:
 def build_dataset_report(dataset: str, metrics: Iterable[dict[str, Any]], references: Iterable[dict[str, Any]],
                          methods: Sequence[str], settings: Any) -> DatasetReport:
     """Rows, comparisons and rankings of one dataset. ``methods``: the grid's methods in order; ``settings``: a
-    :class:`benchmark.config.ReportConfig` (baseline, compare, coresets, study)."""
+    :class:`benchmark.config.ReportConfig` (baseline, compare, coresets, study: variants appear only in the study,
+    base methods listed there in both)."""
     all_rows = collect_rows(metrics)
     study = [m for m in settings.study if m in methods]
-    main_methods = [m for m in methods if m not in study]
-    rows = [r for r in all_rows if r.method not in study]
+    # a variant (<method>__<variant>) exists for the study only; a base method listed in the study (e.g. the
+    # PT + ST configuration itself) also stays in the main table
+    only_study = [m for m in study if VARIANT_SEP in m]
+    main_methods = [m for m in methods if m not in only_study]
+    rows = [r for r in all_rows if r.method not in only_study]
     study_rows = [r for r in all_rows if r.method in study]
     protocols = list(dict.fromkeys(r.protocol for r in all_rows))
     protocol = "strict" if "strict" in protocols or not protocols else protocols[0]
     baseline = settings.baseline if settings.baseline in main_methods else None
-    compared = compared_methods(main_methods, settings.baseline, settings.compare, settings.coresets, study)
+    compared = compared_methods(main_methods, settings.baseline, settings.compare, settings.coresets, only_study)
     return DatasetReport(
         dataset, protocol, rows, collect_rows(references), study_rows,
         comparisons(rows, compared, baseline, protocol), rankings(rows, main_methods, protocol),
