@@ -35,6 +35,7 @@ Three tables:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -133,6 +134,7 @@ class Yardstick:
             return self.loss_fn(flat.logit_scale * e_i @ e_t.T, s)
 
     def grads(self, syn: SynState, plan: StepPlan) -> dict[str, torch.Tensor]:
+        plan = dataclasses.replace(plan, batches=[b.to(self.device) for b in plan.batches])  # as the engine does
         traj = load_file(str(self.paths[plan.expert]), device=str(self.device))  # every epoch of both towers
         traj = {k: v.to(self.dtype) for k, v in traj.items()}
         model = build_student(self.student, seed=0, device=self.device).to(self.dtype)
