@@ -126,7 +126,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         "cmd": " ".join(cli + ["report"]),
         "deps": ["results/cells/${preset}", "benchmark/published/published_results.csv",
                  *stage_code("report", root)],
-        "params": ["grid", "report", "eval.protocols", "eval.students", "eval.select", "threads"],
+        "params": ["grid", "report", "role", "eval.protocols", "eval.students", "eval.select", "threads"],
         "outs": [{"results/tables/${preset}": {"cache": False}}, {"results/README.md": {"cache": False}},
                  {"results/${preset}.md": {"cache": False}},
                  {"results/environment/${preset}.json": {"cache": False}}],

@@ -56,7 +56,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
     write_json(layout.results_root / "environment" / f"{cfg.preset}.json",
                environment_record(layout.results_root.parent))
     page = rp.preset_page(cfg.preset, len(cfg.grid.seeds), cfg.eval.students, cfg.eval.select, sections,
-                          layout.results_root)
+                          layout.results_root, cfg.role)
     _write_text(layout.results_root / f"{cfg.preset}.md", page)
     _write_text(layout.results_root / "README.md", rp.results_index(layout.results_root))
     return rendered
