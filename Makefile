@@ -34,8 +34,9 @@ params.yaml:
 	$(BIN)/mmdd init-params --preset default
 
 ## The embedded default: every method on `shapes`, on CPU: the stale stages of dvc.yaml; prints the table at the end.
+## Two persistent worker processes run the stages in-process (torch and MLflow imported once per worker).
 bench: $(STAMP) params.yaml
-	$(BIN)/mmdd bench
+	$(BIN)/mmdd bench -j2
 	@cat results/tables/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('params.yaml'))['preset'])")/*.md
 
 ## The full reproduction (Flickr30k + COCO, NFNet-L0 + BERT, budgets 100/200/500): needs a GPU and the network.

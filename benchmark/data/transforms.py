@@ -6,7 +6,6 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from torchvision import transforms as T
 
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
@@ -92,6 +91,9 @@ def build_transform(kind: str, image_size: int, norm: str = "clip", augment: str
         raise ValueError(f"unknown normalisation {norm!r}; valid choices: {', '.join(NORMALIZATION)}")
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augmentation {augment!r}; valid choices: {', '.join(AUGMENTS)}")
+    # torchvision costs ~1.5 s to import (torchvision.ops pulls in torch._dynamo): only when a transform is built
+    from torchvision import transforms as T
+
     mean, std = NORMALIZATION[norm]
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     if kind == "train" and augment == "blip":

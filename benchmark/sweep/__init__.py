@@ -1,14 +1,18 @@
 """``mmdd sweep``: run the stale part of the DVC pipeline on this machine or a Ray cluster (docs/cluster.md).
 
 Every stage of ``dvc.yaml`` (fetch → embed → experts, one task per expert → prepare → distill cells → evaluate cells
-→ full-data → report) runs its exact command as one task; each finished stage is recorded with ``dvc commit``, so
-``dvc status`` is clean afterwards and DVC and MLflow stay the record.
+→ full-data → report) runs its exact command as one task; each finished stage is recorded in ``dvc.lock`` as
+``dvc commit`` would, so ``dvc status`` is clean afterwards and DVC and MLflow stay the record. Locally, plain
+``mmdd`` commands run in persistent worker processes by default (``--tasks worker``), so a stage does not pay for
+importing torch and MLflow again.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger("mmdd.sweep")
@@ -37,6 +41,9 @@ def add_sweep_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (HOST:PORT or auto) [RAY_ADDRESS, else a new single-machine Ray]")
     p.add_argument("-j", "--jobs", type=int, default=1, help="local runner: tasks at a time [1]")
+    p.add_argument("--tasks", choices=("worker", "subprocess"), default="worker",
+                   help="local runner: run plain `mmdd` stage commands in-process in --jobs persistent worker "
+                        "processes (worker), or each in its own subprocess (subprocess) [worker]")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failing task [2]")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="ray runner: CPUs reserved per task [1]")
     p.add_argument("--gpus-per-task", type=_gpus, default="auto",
@@ -58,21 +65,17 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     Raises :class:`~benchmark.sweep.stages.SweepError` (a RuntimeError) for a problem found before anything runs.
     """
-    from benchmark.sweep.runner import Sweep, plan, prepare_tracking, task_env
+    from benchmark.sweep.runner import Sweep, prepare_tracking, task_env
     from benchmark.sweep.stages import SweepError
 
     root = Path(args.project).resolve()
     if args.dry_run:
-        for depth, names in enumerate(plan(root, args.targets)):
-            for name in names:
-                log.info("level %d: %s", depth, name)
-        log.info("stages downstream of these run too when `dvc status` reports them changed after their upstream")
-        return 0
+        return _dry_run(root, args.targets)
     if args.address and args.runner != "ray":
         raise SweepError(f"--address {args.address} is a Ray cluster address: add --runner ray")
+    started = time.perf_counter()
     sweep = Sweep(root, args.retries, args.log_dir, args.targets)  # reads the pipeline: fails before any start-up
     env = task_env(args.env)
-    prepare_tracking(root, env, distributed=args.runner == "ray")
     if args.runner == "ray":
         from benchmark.sweep.executors import RayExecutor
 
@@ -80,9 +83,29 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     else:
         from benchmark.sweep.executors import LocalExecutor
 
-        executor = LocalExecutor(str(root), env, args.jobs, args.device)
-    try:
-        summary = sweep.run(executor)
-    finally:
-        executor.close()
+        # `mmdd bench` passes no --tasks: it gets the default, persistent workers
+        executor = LocalExecutor(str(root), env, args.jobs, args.device, getattr(args, "tasks", "worker"),
+                                 args.log_dir)
+    # MLflow's experiments are created before the first task, while the driver asks DVC what is stale
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="mmdd-tracking") as background:
+        tracking = background.submit(prepare_tracking, root, env, distributed=args.runner == "ray")
+        try:
+            summary = sweep.run(executor, before_tasks=tracking.result, started=started)
+        finally:
+            executor.close()
     return 0 if summary.ok else 1
+
+
+def _dry_run(root: Path, targets: list[str]) -> int:
+    """List the stale stages by dependency level, or say that there is nothing to do."""
+    from benchmark.sweep.runner import plan
+
+    levels = plan(root, targets)
+    if not any(levels):
+        log.info("nothing to do: every selected stage is up to date (dvc status)")
+        return 0
+    for depth, names in enumerate(levels):
+        for name in names:
+            log.info("level %d: %s", depth, name)
+    log.info("stages downstream of these run too when `dvc status` reports them changed after their upstream")
+    return 0

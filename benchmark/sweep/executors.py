@@ -10,10 +10,14 @@ import concurrent.futures as cf
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any, Protocol
 
-from benchmark.sweep.cell import Result, run_task
+from benchmark.sweep.cell import Result, run_task, task_process_env
 from benchmark.sweep.stages import SweepError, Task
+from benchmark.sweep.workers import WorkerPool, mmdd_argv
+
+TASK_MODES = ("worker", "subprocess")
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +33,52 @@ class Executor(Protocol):
 
     def in_flight(self) -> int: ...
 
+    def warm(self, commands: list[str]) -> None:
+        """Start what running these commands will need (worker processes) before the first one is submitted."""
+        ...
+
+    def stats(self) -> dict[str, float | int]:
+        """Executor counters for the sweep summary (e.g. worker start-ups)."""
+        ...
+
     def cancel(self) -> None: ...
 
     def close(self) -> None: ...
 
 
 class LocalExecutor:
-    """Up to ``jobs`` tasks at once on this machine, each a subprocess started from a worker thread."""
+    """Up to ``jobs`` tasks at once on this machine, from worker threads. ``tasks="worker"``: plain ``mmdd`` commands
+    run in-process in ``jobs`` persistent worker processes (:mod:`benchmark.sweep.workers`), anything else in a
+    subprocess; ``tasks="subprocess"``: every task is its own subprocess."""
 
-    def __init__(self, root: str, env: dict[str, str], jobs: int = 1, device: str | None = None):
+    def __init__(self, root: str, env: dict[str, str], jobs: int = 1, device: str | None = None,
+                 tasks: str = "worker", log_dir: str = "results/logs"):
         if jobs < 1:
             raise SweepError(f"--jobs must be at least 1, not {jobs}")
-        self.root, self.env, self.device = root, dict(env), device
+        if tasks not in TASK_MODES:
+            raise SweepError(f"--tasks must be one of {', '.join(TASK_MODES)}, not {tasks!r}")
+        self.root, self.env, self.device, self.jobs = root, dict(env), device, jobs
         if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # parallel cells share the cores
             self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        self.workers = None
+        if tasks == "worker":
+            self.workers = WorkerPool(jobs, task_process_env(self.env), Path(root), Path(root) / log_dir / "workers")
         self.pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mmdd-sweep")
         self.futures: dict[cf.Future, tuple[Task, int]] = {}
-        self.description = f"local, {jobs} at a time"
+        self.description = f"local, {jobs} at a time, " + (
+            f"{jobs} persistent worker process(es)" if self.workers else "one subprocess per task")
 
     def submit(self, task: Task, attempt: int) -> None:
         device = self.device if task.wants_gpu else None
-        fut = self.pool.submit(run_task, task, self.root, attempt, self.env, device, "local")
+        fut = self.pool.submit(run_task, task, self.root, attempt, self.env, device, "local", self.workers)
         self.futures[fut] = (task, attempt)
+
+    def warm(self, commands: list[str]) -> None:
+        if self.workers and any(mmdd_argv(c) is not None for c in commands):
+            self.workers.start()
+
+    def stats(self) -> dict[str, float | int]:
+        return {"jobs": self.jobs, **(self.workers.stats() if self.workers else {})}
 
     def wait(self, timeout: float) -> list[Result]:
         if not self.futures:
@@ -75,6 +103,8 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.workers:
+            self.workers.close()
 
 
 def _ray_task(task: Task, root: str, attempt: int, env: dict[str, str], device: str | None) -> Result:
@@ -144,6 +174,12 @@ class RayExecutor:
 
     def in_flight(self) -> int:
         return len(self.refs)
+
+    def warm(self, commands: list[str]) -> None:
+        pass
+
+    def stats(self) -> dict[str, float | int]:
+        return {}
 
     def cancel(self) -> None:
         for ref in self.refs:

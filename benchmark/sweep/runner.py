@@ -4,8 +4,9 @@ summary (also written to ``<log dir>/sweep.json``).
 
 Semantics follow ``dvc repro``: a stage runs when ``dvc status`` reports it changed, or when an upstream stage ran
 in this sweep and ``dvc status`` then reports it changed. Each finished stage is committed before anything downstream
-starts, so afterwards ``dvc status`` is clean and ``dvc repro`` runs nothing; an interrupted sweep leaves only
-complete, committed stages, and the next sweep runs what is missing.
+starts (the stages that finished since the last poll in one batch), so afterwards ``dvc status`` is clean and
+``dvc repro`` runs nothing; an interrupted sweep leaves only complete, committed stages, and the next sweep runs what
+is missing. The summary also records where the wall time went: task seconds, DVC bookkeeping, worker start-up.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import yaml
 from benchmark.sweep import stages as st
 from benchmark.sweep.cell import Result
 from benchmark.sweep.executors import Executor
+from benchmark.sweep.files import atomic_write_text
+from benchmark.sweep.ledger import Ledger
 
 log = logging.getLogger("mmdd.sweep")
 
@@ -53,6 +56,7 @@ class Summary:
     seconds: float
     counts: dict[str, int]
     stages: dict[str, dict]
+    timing: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -67,18 +71,33 @@ class Sweep:
         if retries < 0:
             raise st.SweepError(f"--retries must be 0 or more, not {retries}")
         self.root, self.retries, self.log_dir, self.poll = root, retries, log_dir, poll
-        self.pipeline = st.load_pipeline(root)
+        self.ledger = Ledger(root)
+        self.pipeline = self.ledger.pipeline
         self.selected = st.select(self.pipeline, targets or [])
         self.states = {n: StageState(s) for n, s in self.pipeline.items() if n in self.selected}
         self.ran: set[str] = set()
+        self.waited_s = 0.0  # for the set-up run beside the status (MLflow experiments)
         self._last_progress = ""
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ scheduling
-    def run(self, executor: Executor) -> Summary:
+    def run(self, executor: Executor, before_tasks: Callable[[], object] | None = None,
+            started: float | None = None) -> Summary:
+        """Bring the selected stages up to date; ``before_tasks`` (e.g. the tracking set-up, running in the
+        background) is awaited after the status and before the first task; ``started``: the perf_counter() time the
+        sweep's set-up began (for the wall time)."""
         self.executor = executor
-        self._t0 = time.perf_counter()
-        initially_stale = st.stale(self.root, list(self.states))
+        self._t0 = time.perf_counter() if started is None else started
+        executor.warm([self.states[n].stage.cmd for n in self.states])
+        try:
+            initially_stale = self.ledger.stale(list(self.states))
+            t0 = time.perf_counter()
+            if before_tasks is not None:
+                before_tasks()
+            self.waited_s = time.perf_counter() - t0
+        except BaseException:
+            self.ledger.close()
+            raise
         log.info("%d of %d stages are stale (dvc status); executor: %s", len(initially_stale), len(self.states),
                  executor.description)
         try:
@@ -117,7 +136,7 @@ class Sweep:
                     recheck.append(name)  # an upstream stage ran: ask DVC whether that changed this one
                 else:
                     s.status, changed = CURRENT, True
-            now_stale = st.stale(self.root, recheck)
+            now_stale = self.ledger.stale(recheck)
             for name in recheck:
                 if name in now_stale:
                     ready.append(name)
@@ -160,7 +179,7 @@ class Sweep:
                     to_commit.append(s.stage.name)
                 else:
                     s.status = FAILED
-        for name, error in st.commit(self.root, to_commit).items():
+        for name, error in self.ledger.commit(to_commit).items():
             self.states[name].status, self.states[name].error = FAILED, error
             log.error("FAILED  %s: %s", name, error)
         for name in to_commit:
@@ -183,19 +202,36 @@ class Sweep:
             self._last_progress = line
             log.info("[%6.1f s] %s", time.perf_counter() - self._t0, line)
 
+    def timing(self, seconds: float) -> dict[str, float | int]:
+        """Where the wall time went: summed task seconds and CPU, DVC bookkeeping in this driver (pipeline, status,
+        commits), the wait for the MLflow set-up, executor start-up. ``overhead_fraction``: bookkeeping, that wait and
+        the worker start-ups per slot (they start side by side), over the wall time."""
+        attempts = [a for s in self.states.values() for t in s.tasks for a in t.attempts]
+        stats = self.executor.stats()
+        slots = max(1, int(stats.get("jobs", 1)))
+        overhead = self.ledger.seconds + self.waited_s + float(stats.get("worker_start_s", 0.0)) / slots
+        return {"wall_s": round(seconds, 3), "tasks": len(attempts),
+                "task_s": round(sum(a.seconds for a in attempts), 3),
+                "task_cpu_s": round(sum(a.cpu_s or 0.0 for a in attempts), 3),
+                "dvc_s": round(self.ledger.seconds, 3), "tracking_wait_s": round(self.waited_s, 3), **stats,
+                "overhead_fraction": round(overhead / seconds, 4) if seconds > 0 else 0.0}
+
     def _finish(self) -> Summary:
         seconds = time.perf_counter() - self._t0
+        self.ledger.close()
         stages = {}
         for name, s in self.states.items():
             stages[name] = {"status": s.status, "error": s.error,
                             "tasks": [{"id": t.task.id, "log": t.task.log, "attempts": [asdict(a) for a in t.attempts]}
                                       for t in s.tasks]}
-        summary = Summary(seconds, self.counts(), stages)
+        summary = Summary(seconds, self.counts(), stages, self.timing(seconds))
         _write_json(self.root / self.log_dir / "sweep.json",
-                    {"seconds": seconds, "counts": summary.counts, "stages": stages})
-        c = summary.counts
+                    {"seconds": seconds, "counts": summary.counts, "timing": summary.timing, "stages": stages})
+        c, t = summary.counts, summary.timing
         log.info("sweep finished in %.1f s: %d ran, %d up to date, %d failed, %d blocked", seconds, c[DONE],
                  c[CURRENT], c[FAILED], c[BLOCKED])
+        log.info("time: tasks %.1f s, DVC bookkeeping %.1f s, worker start-up %.1f s (overhead %.1f%% of the wall "
+                 "time)", t["task_s"], t["dvc_s"], t.get("worker_start_s", 0.0), 100 * t["overhead_fraction"])
         for name, s in self.states.items():
             if s.status == FAILED:
                 logs = ", ".join(t.task.log for t in s.tasks if not t.ok) or "-"
@@ -209,25 +245,18 @@ class Sweep:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    """Atomic JSON write (temp file + rename) without importing torch through :mod:`benchmark.io`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def plan(root: Path, targets: list[str] | None = None) -> list[list[str]]:
     """The stale stages by dependency level (``--dry-run``); stages downstream of them may also run."""
-    pipeline = st.load_pipeline(root)
-    selected = st.select(pipeline, targets or [])
-    now = st.stale(root, sorted(selected))
-    return [[n for n in level if n in now] for level in st.levels(pipeline, selected)]
+    ledger = Ledger(root)
+    try:
+        selected = st.select(ledger.pipeline, targets or [])
+        now = ledger.stale(sorted(selected))
+    finally:
+        ledger.close()
+    return [[n for n in level if n in now] for level in st.levels(ledger.pipeline, selected)]
 
 
 def task_env(extra: list[str]) -> dict[str, str]:

@@ -1,18 +1,15 @@
-"""The DVC pipeline as the sweep sees it: stages with their commands and upstream stages, which of them are stale,
-and recording finished stages in ``dvc.lock``.
+"""The DVC pipeline as the sweep sees it: stages with their commands, upstream stages and outputs, and the tasks
+they run as.
 
 The stage graph comes from DVC's own parser (``foreach``/``matrix`` and ``${...}`` resolved exactly as ``dvc repro``
-does). Status and commits go through the ``dvc`` command line, run from the driver only and one call at a time, so
-DVC's repository lock is never contended.
+does), through :class:`benchmark.sweep.ledger.Ledger`, which also answers status and records commits from the driver
+only, one call at a time.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,30 +64,6 @@ class Task:
     log: str  # relative to the project root
 
 
-def load_pipeline(root: Path) -> dict[str, Stage]:
-    """Every command stage of the project's pipeline, in ``dvc.yaml`` order."""
-    if not (root / "dvc.yaml").exists():
-        raise SweepError(f"{root} has no dvc.yaml: run the sweep from the project directory or pass --project")
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            graph = repo.index.graph
-            stages = [s for s in repo.index.stages if s.cmd]
-            names = {s.addressing for s in stages}
-            out = {}
-            for s in stages:
-                cmd = " && ".join(s.cmd) if isinstance(s.cmd, list) else s.cmd
-                upstream = tuple(sorted(u.addressing for u in graph.successors(s) if u.addressing in names))
-                outs = tuple(os.path.relpath(o.fs_path, root) for o in s.outs)
-                out[s.addressing] = Stage(s.addressing, cmd, os.path.relpath(s.wdir, root), upstream, outs)
-            return out
-    except DvcException as exc:
-        raise SweepError(f"DVC cannot read the pipeline in {root}: {exc} (check dvc.yaml and params.yaml; "
-                         "`mmdd init-params` writes params.yaml)") from exc
-
-
 def select(stages: dict[str, Stage], targets: Iterable[str]) -> set[str]:
     """The targets (stage names or groups such as ``distill-lors``) and everything upstream of them."""
     targets = list(targets)
@@ -130,37 +103,6 @@ def levels(stages: dict[str, Stage], names: Iterable[str] | None = None) -> list
         if n in names:
             out[depth[n]].append(n)
     return out
-
-
-def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
-
-
-def stale(root: Path, names: Iterable[str]) -> set[str]:
-    """Which of ``names`` ``dvc status`` reports as changed (deps, outs, params or command)."""
-    names = list(names)
-    if not names:
-        return set()
-    res = _dvc(root, "status", "--json", *names)
-    if res.returncode != 0:
-        raise SweepError(f"`dvc status` failed in {root}: {res.stderr.strip() or res.stdout.strip()}")
-    report = json.loads(res.stdout or "{}")
-    return {n for n in names if n in report}
-
-
-def commit(root: Path, names: list[str]) -> dict[str, str]:
-    """Record finished stages in ``dvc.lock`` (``dvc commit --force``); returns the error of each stage that failed."""
-    if not names:
-        return {}
-    if _dvc(root, "commit", "--force", "--quiet", *names).returncode == 0:
-        return {}
-    errors = {}
-    for n in names:  # find the culprit(s); the others still get recorded
-        res = _dvc(root, "commit", "--force", "--quiet", n)
-        if res.returncode != 0:
-            lines = (res.stderr or res.stdout).strip().splitlines()
-            errors[n] = f"dvc commit failed: {lines[-1] if lines else res.returncode}"
-    return errors
 
 
 def _num_experts(root: Path) -> int | None:
