@@ -89,8 +89,8 @@ class ProcessState:
         warnings.filters[:] = self.filters
         root = logging.getLogger()
         for h in [h for h in root.handlers if h not in self.root_handlers]:
-            root.removeHandler(h)
             h.close()
+        root.handlers[:] = self.root_handlers  # also undoes a basicConfig(force=True) inside the task
         root.setLevel(self.root_level)
 
 
@@ -172,7 +172,11 @@ def serve(requests, reply_fd: int, idle_fd: int, torch_seed: int) -> None:
             _reply(reply_fd, {"error": f"bad request: {exc}"})
             continue
         fresh_rng(torch_seed)
-        _reply(reply_fd, run_request(req, idle_fd))
+        try:
+            reply = run_request(req, idle_fd)
+        except OSError as exc:  # the log or the directory is not there: the task never started
+            reply = {"error": f"cannot run the task: {exc}"}
+        _reply(reply_fd, reply)
 
 
 def main() -> int:

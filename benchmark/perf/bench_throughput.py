@@ -153,23 +153,26 @@ def run_grid(base: Path, tmp: Path, mode: str, jobs: int, students: int) -> dict
 
 
 def jobs_by_threads(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, float]:
-    """Two evaluate cells (``--force``) as 1 job x 2 threads (sequential) and as 2 jobs x 1 thread (concurrent)."""
+    """Two evaluate cells (``--force``) as 1 job x 2 threads (one after the other), 2 jobs x 1 thread and 2 jobs x 2
+    threads (side by side; the last is ``make bench -j2`` with the quick preset's ``threads: 2``)."""
     def cmd(cell, threads):
         method, budget, seed = cell
         return [sys.executable, "-m", "benchmark.cli", "evaluate", "--method", method, "--budget", str(budget),
                 "--seed", str(seed), "--force", "--no-progress", "-S", f"threads={threads}", "-S",
                 "tracking.enabled=false"]
 
+    def side_by_side(threads):
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(cmd(cell, threads), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for cell in cells]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a concurrent evaluate command failed")
+        return time.perf_counter() - t0
+
     t0 = time.perf_counter()
     for cell in cells:
         _run(cmd(cell, 2), root)
-    sequential = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd(cell, 1), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for cell in cells]
-    if any(p.wait() for p in procs):
-        raise RuntimeError("a concurrent evaluate command failed")
-    return {"1x2_s": sequential, "2x1_s": time.perf_counter() - t0}
+    return {"1x2_s": time.perf_counter() - t0, "2x1_s": side_by_side(1), "2x2_s": side_by_side(2)}
 
 
 # ------------------------------------------------------------------------------------------------ student step
@@ -239,7 +242,27 @@ def micro(reps: int, compile_step: bool = True) -> dict[str, float]:
     step(compiled, x)  # compiles forward and backward
     out["compile_first_step_s"] = time.perf_counter() - t0
     out["compiled_step_s"] = _median_time(lambda: step(compiled, x), reps)
+    out.update(_compiled_vs_eager(cfg, x, t, loss_of))
     return out
+
+
+def _compiled_vs_eager(cfg, x, t, loss_of) -> dict[str, float | bool]:
+    """One SGD step from the same initialisation, eager and compiled: are the updated parameters bitwise equal?"""
+    import torch
+
+    from benchmark.models.student import build_student
+
+    after = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        model = build_student(cfg, seed=0).train()
+        run = torch.compile(model) if compile_it else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss_of(run(x, t)).backward()
+        opt.step()
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return {"compiled_bitwise": bool(torch.equal(*after)),
+            "compiled_max_diff": float((after[0] - after[1]).abs().max())}
 
 
 def run_micro(reps: int, compile_step: bool) -> dict[str, float]:
@@ -294,10 +317,12 @@ def render(res: dict[str, Any]) -> str:
          "inside tasks)", f"{100 * work['overhead_fraction']:.1f}%", "-"),
         ("recorded output hashes identical", res["grid"]["identical"], "", ""),
     ])
-    m = res["micro"]
+    m, jt = res["micro"], res.get("jobs_threads")
     compiled = [("torch.compile student step vs eager (compile itself: %.1f s)" % m["compile_first_step_s"],
                  f"{m['eager_step_s']:.4f}", f"{m['compiled_step_s']:.4f}",
-                 "pays per step" if m["compiled_step_s"] < m["eager_step_s"] else "did not pay")] \
+                 ("faster per step, " if m["compiled_step_s"] < m["eager_step_s"] else "slower per step, ")
+                 + ("same numbers" if m["compiled_bitwise"] else
+                    f"different numbers (max abs param diff {m['compiled_max_diff']:.1e} after one step)"))] \
         if "compiled_step_s" in m else [("torch.compile student step", "-", "-", "skipped (--quick / --no-compile)")]
     tried = _table([
         ("tried", "baseline (s)", "variant (s)", "verdict"),
@@ -309,10 +334,11 @@ def render(res: dict[str, Any]) -> str:
          "pays" if m["channels_last_step_s"] < m["eager_step_s"] else "did not pay"),
         ("student step: 2 threads vs 1", f"{m['eager_step_s']:.4f}", f"{m['eager_step_2threads_s']:.4f}",
          f"{m['eager_step_s'] / m['eager_step_2threads_s']:.2f}x from the 2nd thread"),
-    ] + ([("2 evaluate cells: 2 jobs x 1 thread vs 1 job x 2 threads", f"{res['jobs_threads']['1x2_s']:.1f}",
-           f"{res['jobs_threads']['2x1_s']:.1f}",
-           "2x1 faster" if res["jobs_threads"]["2x1_s"] < res["jobs_threads"]["1x2_s"] else "1x2 faster")]
-         if res.get("jobs_threads") else []))
+    ] + ([("2 evaluate cells (s): 1 job x 2 threads vs 2 jobs x 1 thread", f"{jt['1x2_s']:.1f}",
+           f"{jt['2x1_s']:.1f}", "2x1 faster" if jt["2x1_s"] < jt["1x2_s"] else "1x2 faster"),
+          ("2 evaluate cells (s): 2 jobs x 1 thread vs 2 jobs x 2 threads (oversubscribed)", f"{jt['2x1_s']:.1f}",
+           f"{jt['2x2_s']:.1f}", "2x2 faster" if jt["2x2_s"] < jt["2x1_s"] else "2x2 slower: did not pay")]
+         if jt else []))
     y = res["yardstick"]
     yard = _table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
                    ("engine", f"{y['engine_s_per_iter']:.3f}"),
@@ -352,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = [res["grid"][m].pop("outs") for m in MODES]
         res["grid"]["identical"] = "yes" if outs[0] == outs[1] else "NO"
         if not args.quick:
-            cells = [("tesla-vl", size.budgets[0], s) for s in size.seeds[:2]]
+            cells = [("tesla-vl", b, size.seeds[0]) for b in size.budgets[:2]]
             res["jobs_threads"] = jobs_by_threads(tmp / "worker", cells)
             log.info("jobs x threads: %s", res["jobs_threads"])
         res["micro"] = run_micro(5 if args.quick else 20, not (args.quick or args.no_compile))
