@@ -3,6 +3,9 @@ a terminal, a bar; expert training reports through it."""
 
 import io
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -56,15 +59,33 @@ def test_resumed_and_skipped_units_do_not_inflate_the_rate(caplog):
     assert progress_lines(caplog) == ["experts (4 x 10 epochs): 25/40 epoch (62%), 1 epoch/s, ETA 0:00:15"]
 
 
-def test_terminal_gets_a_bar_and_no_log_lines(caplog, monkeypatch):
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # conftest silences tqdm for the other tests
-    caplog.set_level(logging.INFO, logger="mmdd.progress")
-    term = Terminal()
-    with Progress(10, "expert 3", "epoch", stream=term, interval_s=0, enabled=True) as bar:
-        for _ in range(10):
-            bar.update()
-    assert "expert 3:" in term.getvalue() and "/10 [" in term.getvalue()  # tqdm redraws at most every 0.1 s
-    assert progress_lines(caplog) == []
+TERMINAL_SNIPPET = """
+import io, logging
+records = []
+logging.getLogger("mmdd.progress").addHandler(type("H", (logging.Handler,), {"emit": lambda s, r: records.append(r)})())
+logging.getLogger("mmdd.progress").setLevel(logging.INFO)
+from benchmark.progress import Progress
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+term = Terminal()
+with Progress(10, "expert 3", "epoch", stream=term, interval_s=0, enabled=True) as bar:
+    for _ in range(10):
+        bar.update()
+print(repr(term.getvalue()))
+print(len(records))
+"""
+
+
+def test_terminal_gets_a_bar_and_no_log_lines():
+    # tqdm reads TQDM_DISABLE when it is imported, and conftest sets it for the whole session: run in a fresh
+    # interpreter whose environment does not disable tqdm, as a user's terminal would
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    out = subprocess.run([sys.executable, "-c", TERMINAL_SNIPPET], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    bar, n_log_lines = out[-2], out[-1]
+    assert "expert 3:" in bar and "/10 [" in bar  # tqdm redraws at most every 0.1 s
+    assert n_log_lines == "0"
 
 
 def test_disabled_progress_is_silent(caplog):
