@@ -28,7 +28,7 @@ def _env(**extra):
     return env
 
 
-def _run(cmd, cwd, timeout=600, check=True, **env):
+def _run(cmd, cwd, timeout=1500, check=True, **env):
     res = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
