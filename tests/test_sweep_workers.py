@@ -75,7 +75,7 @@ def twin_projects(tmp_path_factory):
 
 def test_workers_record_bitwise_the_same_outputs_as_subprocesses(twin_projects):
     sub, work = twin_projects["subprocess"], twin_projects["worker"]
-    ran = set(_summary(sub)["stages"])  # dvc.lock, copied from the repository, also holds the quick grid's entries
+    ran = set(_summary(sub)["stages"])  # dvc.lock, copied from the repository, also holds the default grid's entries
     assert len(ran) == 9 and ran == set(_summary(work)["stages"])
     outs = {name: files for name, files in _lock_outs(sub).items() if name in ran}
     assert outs == {name: files for name, files in _lock_outs(work).items() if name in ran}
@@ -130,7 +130,7 @@ TOY = {"stages": {
     "params": {"cmd": "mmdd init-params --preset tiny --out gen/params.yaml --no-dvc-yaml",
                "outs": ["gen/params.yaml"]},
     "shell": {"cmd": "cp gen/params.yaml copy.yaml", "deps": ["gen/params.yaml"], "outs": ["copy.yaml"]},
-    "again": {"cmd": "mmdd init-params --preset quick --out gen2/params.yaml --no-dvc-yaml", "deps": ["copy.yaml"],
+    "again": {"cmd": "mmdd init-params --preset tiny --out gen2/params.yaml --no-dvc-yaml", "deps": ["copy.yaml"],
               "outs": ["gen2/params.yaml"]},
 }}
 
