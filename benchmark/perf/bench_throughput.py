@@ -55,7 +55,8 @@ MODES = ("subprocess", "worker")
 
 @dataclass(frozen=True)
 class GridSize:
-    """The reduced quick grid: overrides of ``mmdd init-params --preset quick``."""
+    """The reduced grid: ``mmdd init-params --preset default`` with overrides back to the former quick preset's
+    sizes (4-epoch experts, 2 students, 2 threads, the quick profile's method defaults), restricted."""
 
     budgets: tuple[int, ...]
     seeds: tuple[int, ...]
@@ -68,7 +69,8 @@ class GridSize:
         out = ["grid.methods=[random,tesla-vl]", f"grid.budgets=[{','.join(map(str, self.budgets))}]",
                f"grid.seeds=[{','.join(map(str, self.seeds))}]", f"experts.num_experts={self.experts}",
                f"eval.epochs={self.eval_epochs}", "eval.eval_every=10", f"data.shapes.n_train={n_train}",
-               f"data.shapes.n_val={n_val}", f"data.shapes.n_test={n_test}"]
+               f"data.shapes.n_val={n_val}", f"data.shapes.n_test={n_test}", "experts.epochs=4", "eval.students=2",
+               "full_data.epochs=5", "full_data.expert_epochs=[]", "threads=2", "methods={}", "report.study=[]"]
         return [a for o in out for a in ("-S", o)]
 
 
@@ -117,7 +119,7 @@ def make_base(tmp: Path, size: GridSize, jobs: int) -> tuple[Path, float]:
     """A project copy with the reduced grid's upstream stages (fetch, embed, experts) done; and their seconds."""
     root = _copy_repo(tmp / "base")
     _run(["git", "init", "-q"], root)
-    _run([sys.executable, "-m", "benchmark.cli", "init-params", "--preset", "quick", *size.overrides()], root)
+    _run([sys.executable, "-m", "benchmark.cli", "init-params", "--preset", "default", *size.overrides()], root)
     wall, _ = _run([sys.executable, "-m", "benchmark.sweep", "experts", "-j", str(jobs)], root)
     return root, wall
 
