@@ -8,7 +8,7 @@ Usage::
 
 What it does, in a temporary directory:
 
-1. **Grid** — a copy of the project with the quick preset reduced to ``random`` and ``tesla-vl`` on ``shapes``
+1. **Grid** — a copy of the project with the default preset (at the former quick sizes) reduced to ``random`` and ``tesla-vl`` on ``shapes``
    (default: budgets 50 and 100, seeds 0 and 1, 5 experts; ``--quick``: budget 50, seed 0, 2 experts, 10
    evaluation epochs). Fetch, embed and experts run once; then two identical copies run every distill and evaluate
    cell with ``mmdd sweep -j JOBS``, one with ``--tasks subprocess`` and one with ``--tasks worker``. Reported per
@@ -49,7 +49,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-MATCHING_ITERATIONS = 40  # tesla-vl's quick-preset iteration count (methods/tesla_vl.py): a converged quick cell
+MATCHING_ITERATIONS = 40  # the quick profile's tesla-vl iteration count: a throughput probe, not a converged cell
 MODES = ("subprocess", "worker")
 
 
