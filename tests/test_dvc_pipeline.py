@@ -71,7 +71,8 @@ def test_repro_outputs_tables_and_mlflow(project):
         assert (cell / name).exists(), name
     metrics = json.loads((root / "results/metrics/tiny.json").read_text())
     assert set(metrics["shapes"]) == {f"{m}/b10/{p}" for m in ("random", "forgetting", "tesla-vl")
-                                      for p in ("strict", "paper")} | {"full-data/ball/strict"}
+                                      for p in ("strict", "paper")} | {
+        f"{ref}/ball/strict" for ref in ("full-data", "full-data (teacher SGD)", "expert @ epoch 2")}  # references
     table = (root / "results/tables/tiny/shapes.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| forgetting")]
     assert len(rows) == 4 and all(line.count("±") == 7 for line in rows)  # tesla-vl rows start with "| tesla"
