@@ -24,19 +24,9 @@ def random_train(n_images: int = 12, caps_per_image: int = 2, text_dim: int = 6,
 
 def copy_repo(dst):
     """Copy the repository's files (tracked and untracked-not-ignored; no data/ or results/) into ``dst``."""
-    import shutil
-    import subprocess
-    from pathlib import Path
+    from benchmark.perf.repo import copy_repo as copy
 
-    repo = Path(__file__).resolve().parents[1]
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = repo / rel
-        if src.is_file() and not rel.startswith(("results/", "data/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    return dst
+    return copy(dst)
 
 
 def tiny_params(root, overrides=(), preset: str = "tiny"):

@@ -47,6 +47,8 @@ from typing import Any
 
 import yaml
 
+from benchmark.perf.repo import copy_repo
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 MATCHING_ITERATIONS = 40  # the quick profile's tesla-vl iteration count: a throughput probe, not a converged cell
@@ -102,22 +104,10 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> tuple[float, float]:
     return time.perf_counter() - t0, _children_cpu() - c0
 
 
-def _copy_repo(dst: Path) -> Path:
-    """The project's files (tracked and untracked-not-ignored), without data/ and results/."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("results/", "data/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    return dst
-
-
 # ------------------------------------------------------------------------------------------------ grid
 def make_base(tmp: Path, size: GridSize, jobs: int) -> tuple[Path, float]:
     """A project copy with the reduced grid's upstream stages (fetch, embed, experts) done; and their seconds."""
-    root = _copy_repo(tmp / "base")
+    root = copy_repo(tmp / "base")
     _run(["git", "init", "-q"], root)
     _run([sys.executable, "-m", "benchmark.cli", "init-params", "--preset", "default", *size.overrides()], root)
     wall, _ = _run([sys.executable, "-m", "benchmark.sweep", "experts", "-j", str(jobs)], root)
