@@ -109,7 +109,16 @@ def cmd_init_params(args) -> int:
 def cmd_ui(args) -> int:
     from benchmark.tracking import serve_ui, tracking_uri
 
-    return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port, args.timeout)
+    return serve_ui(tracking_uri(Path(args.results_root).resolve()), args.host, args.port, args.timeout,
+                    _experiment_prefix(Path(args.results_root).resolve().parent / "params.yaml"))
+
+
+def _experiment_prefix(params: Path) -> str:
+    """params.yaml's tracking.experiment_prefix (``mmdd`` when absent)."""
+    import yaml
+
+    doc = yaml.safe_load(params.read_text()) if params.is_file() else None
+    return str(((doc or {}).get("tracking") or {}).get("experiment_prefix") or "mmdd")
 
 
 def cmd_status(args) -> int:
@@ -140,6 +149,8 @@ def per_dataset(stage: str):
             elif stage == "full_data":
                 r = fn(ctx, ds)["protocols"]["strict"]["r_mean"]
                 log.info("%s full data: r_mean %.2f ± %.2f", ds, r["mean"], r["std"])
+                if (rec := _recorder(ctx)) is not None:
+                    rec.references(ds)
             else:
                 fn(ctx, ds)
         return 0
@@ -147,12 +158,26 @@ def per_dataset(stage: str):
     return run
 
 
+def _recorder(ctx):
+    """The MLflow recorder of this configuration; None when tracking is off."""
+    if not ctx.cfg.tracking.enabled:
+        return None
+    from benchmark.tracking.recorder import Recorder
+
+    return Recorder(ctx)
+
+
 def cmd_distill(args) -> int:
-    from benchmark.stages.distill import distill
+    from benchmark.stages.distill import cell_inputs, distill, is_current
 
     ctx = _context(args)
+    rec = _recorder(ctx)
     for cell in _cells(ctx, args):
-        distill(ctx, cell, force=args.force, runner=args.runner)
+        if rec is None or (not args.force and is_current(ctx.cell_dir(cell), cell_inputs(ctx, cell)[3])):
+            distill(ctx, cell, force=args.force, runner=args.runner)
+            continue
+        with rec.distilling(cell):  # the seed run is open (with live curves) while the method runs
+            distill(ctx, cell, force=args.force, runner=args.runner)
     return 0
 
 
@@ -169,10 +194,33 @@ def cmd_evaluate(args) -> int:
     from benchmark.stages.evaluate import evaluate
 
     ctx = _context(args)
+    rec = _recorder(ctx)
     for cell in _cells(ctx, args):
         res = evaluate(ctx, cell, force=args.force)
         for proto, summary in res["protocols"].items():
             log.info("%s %s: r_mean %.2f ± %.2f", cell, proto, summary["r_mean"]["mean"], summary["r_mean"]["std"])
+        if rec is not None:
+            record_run_id(ctx.cell_dir(cell), rec.evaluated(cell))
+    return 0
+
+
+def record_run_id(cell_dir: Path, run_id: str | None) -> None:
+    """The cell's MLflow run id beside its evaluation's measurements (None: not recorded)."""
+    from benchmark.io import read_json, write_json
+
+    path = cell_dir / "evaluate.volatile.json"
+    write_json(path, {**(read_json(path) if path.exists() else {}), "mlflow_run_id": run_id})
+
+
+def cmd_record(args) -> int:
+    ctx = _context(args)
+    rec = _recorder(ctx)
+    if rec is None:
+        raise ValueError("tracking.enabled is false in params.yaml: set -S tracking.enabled=true to record")
+    n = rec.sync()
+    if n is None:
+        return 1
+    log.info("recorded %d evaluated cell(s) and the reference rows of %s", n, ", ".join(ctx.cfg.datasets))
     return 0
 
 
@@ -194,6 +242,8 @@ def cmd_report(args) -> int:
     from benchmark.stages.report import report
 
     ctx = _context(args)
+    if (rec := _recorder(ctx)) is not None:
+        rec.sync()  # every row current in MLflow, cached cells and references included
     for ds, md in report(ctx).items():
         print(f"\n## {ds} ({ctx.cfg.preset} preset)\n")
         print(md)
@@ -306,6 +356,12 @@ def _add_stage_commands(sub) -> None:
     _common(p)
     _cell_args(p)
     p.set_defaults(func=cmd_evaluate)
+    p = _add(sub, "record", "record every result on disk in MLflow (what is missing there)",
+             "Record in MLflow every evaluated cell and reference row of the grid that the store lacks (cells "
+             "computed with tracking off, or restored by DVC), and refresh each row's aggregate over its seeds. "
+             "The stages record as they run; this is the catch-up.")
+    _common(p)
+    p.set_defaults(func=cmd_record)
     p = _add(sub, "tune", "choose one method parameter on the val split and record how",
              "Distil a cell once per candidate value (tuning seeds, never grid seeds), score each set's evaluation "
              "students on val (never test), and record every candidate and the chosen value under "

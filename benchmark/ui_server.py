@@ -44,7 +44,7 @@ def require_free_port(host: str, port: int) -> int:
     return port
 
 
-def _url(host: str, port: int) -> str:
+def server_url(host: str, port: int) -> str:
     probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{probe}]:{port}" if ":" in probe else f"http://{probe}:{port}"
 
@@ -103,7 +103,7 @@ def _sigterm_as_exit(signum, frame) -> None:
 
 def run_server(cmd: list[str], host: str, port: int, timeout_s: float) -> int:
     """Run ``cmd`` (a server for ``host:port``) until Ctrl-C; 1 when it fails to start or stops by itself."""
-    url = _url(host, port)
+    url = server_url(host, port)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)  # so the group is stopped on `kill` too

@@ -96,11 +96,23 @@ def test_matching_cell_logs_its_curves_to_mlflow_and_the_report(tiny_project, tm
         assert main([stage, *args, "--method", "tesla-vl", "--budget", "10", "--seed", "0"]) == 0
     results = tmp_path / "results"
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mmdd-shapes")
-    (run,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    assert run.data.metrics["distill_sec_per_iter_mean"] > 0 and run.data.metrics["distill_peak_mem_mb_max"] > 0
+    exp = client.get_experiment_by_name("mmdd/tiny/shapes")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (run,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert (parent.info.run_name, run.info.run_name) == ("tesla-vl/b10", "tesla-vl/b10/s0")
+    assert run.data.metrics["cost.distill_sec_per_iter"] > 0 and run.data.metrics["cost.distill_peak_mem_mb"] > 0
     history = client.get_metric_history(run.info.run_id, "distill.match_loss")
-    assert len(history) == 3 and [m.step for m in history] == [1, 2, 3]  # tiny preset: 3 iterations
+    assert sorted(m.step for m in history) == [1, 2, 3]  # tiny preset: 3 iterations, each logged once
+    assert "distill.expert" not in run.data.metrics  # a sampled index, not a measurement
+    students = client.get_metric_history(run.info.run_id, "students.test.strict.r_mean")
+    assert sorted(m.step for m in students) == [0, 1]  # the tiny preset's 2 evaluation students, as metrics
+    mean = sum(m.value for m in students) / 2
+    assert run.data.metrics["test.strict.r_mean"] == pytest.approx(mean)
+    # the row run: the aggregate over the one seed evaluated so far
+    assert parent.data.metrics["test.strict.r_mean"] == pytest.approx(mean, abs=1e-4)  # a summary: 4 decimals
+    assert parent.data.metrics["seeds"] == 1
+    assert parent.info.status == "FINISHED" and run.info.status == "FINISHED"
     assert main(["report", *args, "-S", "grid.methods=[tesla-vl]", "-S", "grid.budgets=[10]",
                  "-S", "grid.seeds=[0]"]) == 0
     assert (results / "plots" / "tiny" / "shapes_distill_curves.png").exists()

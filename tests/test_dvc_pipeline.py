@@ -48,7 +48,7 @@ def project(tmp_path_factory):
     return dst, first.stdout
 
 
-def _mlflow_runs(uri, experiment="mmdd-shapes"):
+def _mlflow_runs(uri, experiment="mmdd/tiny/shapes"):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -81,20 +81,33 @@ def test_repro_outputs_tables_and_mlflow(project):
     assert "(tiny.md)" in (root / "results/README.md").read_text()
     env = json.loads((root / "results/environment/tiny.json").read_text())
     assert env["torch_threads"] == 2 and env["packages"]["torch"] and env["torch_cpu_capability"]
-    # MLflow, queried back through the client on the absolute sqlite store inside the project
+    # MLflow, queried back through the client on the absolute sqlite store inside the project: one experiment for
+    # (tiny, shapes); a row run per (method, budget) over its seed runs; a run per reference row
     client, runs = _mlflow_runs(f"sqlite:///{root / 'mlflow.db'}")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 6 and len(children) == 12
-    for r in parents:
+    rows = {r.info.run_name: r for r in runs if r.data.tags.get("mmdd.level") == "aggregate"}
+    seeds = [r for r in runs if r.data.tags.get("mmdd.level") == "seed"]
+    refs = {r.info.run_name for r in runs if r.data.tags.get("mmdd.kind") == "reference"}
+    assert set(rows) == {"random/b10", "forgetting/b10", "tesla-vl/b10"} and len(seeds) == 6
+    assert refs == {r.split("/")[0] for r in metrics["shapes"] if r.endswith("/ball/strict")}
+    assert len(runs) == len(rows) + len(seeds) + len(refs)
+    for r in seeds:
         t = r.data.tags
-        assert t["mmdd.preset"] == "tiny" and t["mmdd.protocol"] == "strict,paper" and t["mmdd.budget"] == "10"
-        assert t["mlflow.source.git.commit"] and t["mmdd.method"] in ("random", "forgetting", "tesla-vl")
-        assert 0 <= r.data.metrics["test.r_mean"] <= r.data.metrics["test_paper.r_mean"] <= 100
-        assert r.data.metrics["pairs"] == 10
-        assert r.data.params["method"] == t["mmdd.method"]
+        parent = rows[f"{t['mmdd.method']}/b10"]
+        assert t["mlflow.parentRunId"] == parent.info.run_id and t["mmdd.preset"] == "tiny"
+        assert t["mlflow.source.git.commit"] and r.info.status == "FINISHED"
+        assert 0 <= r.data.metrics["test.strict.r_mean"] <= r.data.metrics["test.paper.r_mean"] <= 100
+        assert r.data.metrics["set.pairs"] == 10 and r.data.params["seed"] == t["mmdd.seed"]
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert "images.png" in arts and "nearest_captions.tsv" in arts
+    for name, row in rows.items():  # the table's value and its interval, from the seed runs' values
+        values = sorted(r.data.metrics["test.strict.r_mean"] for r in seeds
+                        if r.data.tags["mlflow.parentRunId"] == row.info.run_id)
+        summary = metrics["shapes"][f"{name}/strict"]
+        assert row.data.metrics["seeds"] == 2 and row.data.params["method"] == name.split("/")[0]
+        assert row.data.metrics["test.strict.r_mean"] == pytest.approx(sum(values) / 2, abs=1e-4)  # 4 decimals
+        assert row.data.metrics["test.strict.r_mean"] == pytest.approx(summary["r_mean"], abs=1e-3)  # 3 there
+        half = 12.706 * abs(values[1] - values[0]) / 2  # t(0.975, 1) * sd / sqrt(2), sd = |a - b| / sqrt(2)
+        assert row.data.metrics["test.strict.r_mean.ci95"] == pytest.approx(half, rel=1e-3, abs=1e-4)
 
 
 def test_second_repro_does_nothing(project):

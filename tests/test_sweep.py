@@ -348,10 +348,10 @@ def test_ray_sweep_runs_every_cell_once_on_both_nodes(project, stack, first_swee
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=stack["mlflow"])
-    exp = client.get_experiment_by_name("mmdd-shapes")
+    exp = client.get_experiment_by_name("mmdd/tiny/shapes")
     assert exp is not None
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-            if "mlflow.parentRunId" not in r.data.tags]
+            if r.data.tags.get("mmdd.level") == "seed"]
     assert sorted(r.info.run_name for r in runs) == sorted(f"{m}/b10/s{s}" for m, s in CELLS)
     assert all(r.info.status == "FINISHED" for r in runs) and not (project / "mlflow.db").exists()
     print(f"\ntiny grid through the Ray cluster (head + 1 worker node): {wall:.1f} s")

@@ -1,9 +1,10 @@
 """Stage ``evaluate``: fresh students trained on a cell's distilled set, measured on the test split.
 
 Outputs: ``metrics.json`` (per protocol, per student and mean ± std; pure function of the set's bytes, the
-evaluation settings and the test data) and ``artifacts/`` (image grid, nearest captions, loss curve). The MLflow
-run is recorded *after* the results are written, so a tracking failure never loses computed work; its id and the
-wall time go to ``evaluate.volatile.json``.
+evaluation settings and the test data) and ``artifacts/`` (image grid, nearest captions, loss curve). The wall time
+goes to ``evaluate.volatile.json``. MLflow is not this stage's business: the CLI records the results around it
+(:mod:`benchmark.tracking.recorder`), so a tracking failure never loses computed work and a change to how runs
+are recorded never makes this stage stale.
 """
 
 from __future__ import annotations
@@ -69,32 +70,13 @@ def evaluate(ctx: StageContext, cell: Cell, force: bool = False) -> dict[str, An
     res.update({"key": key, "eval_seed": ecfg.seed, "pairs": dset.pairs, "bytes": dset.nbytes, "method": cell.method, "budget": cell.budget,
                 "seed": cell.seed, "dataset": cell.dataset})
     write_json(out_path, res)
-    artifacts = cell_artifacts(ctx, cell, cell_dir, dset)
+    cell_artifacts(ctx, cell, cell_dir, dset)
     volatile = {"eval_seconds": seconds}
     distill_volatile = cell_dir / "distill.volatile.json"
     if distill_volatile.exists():
         volatile |= {f"distill_{k}": v for k, v in read_json(distill_volatile).items() if k not in ("pairs", "bytes")}
-    if ctx.cfg.tracking.enabled:
-        volatile["mlflow_run_id"] = track(ctx, cell, cell_dir, key, res, dset, artifacts, volatile)
     write_json(cell_dir / "evaluate.volatile.json", volatile)
     return res
-
-
-def track(ctx: StageContext, cell: Cell, cell_dir: Path, key: str, res: dict[str, Any], dset: DistilledSet,
-          artifacts: list[Path], volatile: dict[str, Any]) -> str | None:
-    """Record the cell in MLflow; a failure is logged, never raised (the results are already on disk)."""
-    from benchmark.tracking import Tracker, cell_record
-
-    try:
-        tracker = Tracker(ctx.cfg.tracking.uri or None, root=ctx.layout.results_root)
-        rec = cell_record(ctx.cfg, cell, key, res, dset.meta.get("params", {}), read_history(cell_dir),
-                          {k: v for k, v in volatile.items() if k != "mlflow_run_id"})
-        return tracker.log_cell(rec["experiment"], rec["run_name"], rec["cell_key"], rec["params"], rec["tags"],
-                                rec["metrics"], rec["history"], rec["students"], artifacts)
-    except Exception as exc:  # noqa: BLE001 - tracking is a record of results that are already saved
-        log.warning("%s: MLflow tracking failed (%s); metrics.json is written, rerun `mmdd evaluate` to record it",
-                    cell, exc)
-        return None
 
 
 def cell_artifacts(ctx: StageContext, cell: Cell, cell_dir: Path, dset: DistilledSet) -> list[Path]:

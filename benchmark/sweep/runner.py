@@ -280,11 +280,12 @@ def prepare_tracking(root: Path, env: dict[str, str], distributed: bool) -> str 
     if not tcfg.get("enabled", True):
         return None
     from benchmark.tracking import Tracker
+    from benchmark.tracking.layout import experiment_name
 
     # the URI the tasks will use: params.yaml's tracking.uri, else their MLFLOW_TRACKING_URI, else the project store
     tracker = Tracker(tcfg.get("uri") or env.get("MLFLOW_TRACKING_URI") or None, root=root)
     for ds in params.get("datasets") or []:
-        tracker.experiment_id(f"{tcfg.get('experiment_prefix', 'mmdd')}-{ds}")
+        tracker.experiment_id(experiment_name(tcfg.get("experiment_prefix", "mmdd"), params.get("preset", ""), ds))
     if distributed and not tracker.uri.startswith(("http://", "https://", "databricks")):
         log.warning("MLflow store %s is a local file: nodes on other machines would each write their own copy or "
                     "share SQLite over a network filesystem. Start `mlflow server` and set "
