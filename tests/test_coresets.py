@@ -93,6 +93,9 @@ def test_coreset_methods_return_valid_real_pairs(task_factory, method):
     assert ds.phases[0].lr_img == 0.1 and ds.phases[0].similarity == "none"
     again = cls().distill(task)
     assert again.meta["selected_pairs"] == ds.meta["selected_pairs"]  # deterministic for a seed
+    # the log records the selection (DVC warns on an empty output): 7 pairs covering their distinct images
+    images = {int(task.train.caption_image[i]) for i in idx}
+    assert task.logger.records[0] == {"step": 1, "pairs": 7.0, "distinct_images": float(len(images))}
 
 
 def test_random_coreset_differs_by_seed(task_factory):

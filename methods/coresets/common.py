@@ -34,6 +34,9 @@ class CoresetMethod(Method):
         if len(idx) != task.budget or len(set(idx.tolist())) != task.budget:
             raise RuntimeError(f"{self.name} selected {len(idx)} pairs ({len(set(idx.tolist()))} distinct), "
                                f"expected {task.budget}")
+        # the selection's record (a coreset has no iterations): how many pairs, covering how many distinct images
+        task.logger.log({"pairs": float(len(idx)),
+                         "distinct_images": float(len(torch.unique(task.train.caption_image[idx])))}, step=1)
         x, t = task.train.pairs(idx)
         phase = Phase(images=x.float().clone(), texts=t.float().clone(), lr_img=task.params["lr_img"],
                       lr_txt=task.params["lr_txt"])
