@@ -92,3 +92,45 @@ def test_a_tracking_failure_never_loses_the_computed_metrics(tiny_project, tmp_p
     metrics = json.loads((tmp_path / CELL / "metrics.json").read_text())
     assert metrics["protocols"]["strict"]["r_mean"]["mean"] >= 0
     assert json.loads((tmp_path / CELL / "evaluate.volatile.json").read_text())["mlflow_run_id"] is None
+
+
+def test_a_stage_rerun_after_a_code_change_recomputes(tiny_project, tmp_path, monkeypatch, caplog):
+    """DVC reruns a stage when the code it runs changes; the stage must then recompute, not find its old output
+    "up to date" (its key holds the digest of the same files DVC lists)."""
+    import logging
+
+    import benchmark.stages.distill as distill_stage
+    import benchmark.stages.evaluate as evaluate_stage
+
+    args = _project(tiny_project, tmp_path)
+    assert main(["distill", *args, *ARGS]) == 0 and main(["evaluate", *args, *ARGS]) == 0
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    assert main(["distill", *args, *ARGS]) == 0
+    assert "is up to date" in caplog.text  # same code, same inputs: kept
+    metrics = tmp_path / CELL / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    assert main(["evaluate", *args, *ARGS]) == 0 and metrics.stat().st_mtime_ns == stamp
+    edited = distill_stage.code_digest(("benchmark.stages.distill",)) + "-edited"
+    monkeypatch.setattr(distill_stage, "code_digest", lambda modules: edited)
+    monkeypatch.setattr(evaluate_stage, "code_digest", lambda modules: edited)
+    caplog.clear()
+    assert main(["distill", *args, *ARGS]) == 0
+    assert "is up to date" not in caplog.text and "10 pairs" in caplog.text  # distilled again
+    assert main(["evaluate", *args, *ARGS]) == 0 and metrics.stat().st_mtime_ns != stamp
+
+
+def test_code_digest_follows_the_import_closure(tmp_path):
+    from benchmark.stages.code_deps import code_digest
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from pkg import b  # lazy: the stage still runs it\n    return b.X\n")
+    (pkg / "b.py").write_text("X = 1\n")
+    (pkg / "c.py").write_text("Y = 1\n")  # not imported by a
+    first = code_digest(("pkg.a",), tmp_path)
+    (pkg / "c.py").write_text("Y = 2\n")
+    assert code_digest(("pkg.a",), tmp_path) == first
+    (pkg / "b.py").write_text("X = 2\n")
+    assert code_digest(("pkg.a",), tmp_path) != first

@@ -205,7 +205,7 @@ def test_reembedding_in_another_process_gives_identical_tensors_and_metadata(emb
     (header1, data1), (header2, data2) = (_split_file(raw) for raw in embedded_twice)
     assert data1 == data2 and header1 == header2
     meta = header1["__metadata__"]
-    assert sorted(meta) == ["captions_sha256", "dim", "encoder", "n_captions", "n_images"]  # nothing time-dependent
+    assert sorted(meta) == ["captions_sha256", "code", "dim", "encoder", "n_captions", "n_images"]  # nothing time-dependent
     assert (meta["encoder"], meta["dim"], meta["n_captions"], meta["n_images"]) == ("minilm", "384", "6", "3")
 
 

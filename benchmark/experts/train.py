@@ -55,9 +55,10 @@ class ExpertConfig:
                 raise ValueError(f"experts.{name} must be positive, got {getattr(self, name)}")
 
 
-def config_hash(student: StudentConfig, cfg: ExpertConfig, data_id: str) -> str:
-    """Hash of everything that determines an expert's trajectory except its index."""
-    doc = {"student": {k: v for k, v in asdict(student).items() if k != "tower_config"},
+def config_hash(student: StudentConfig, cfg: ExpertConfig, data_id: str, code: str = "") -> str:
+    """Hash of everything that determines an expert's trajectory except its index (``code``: a digest of the
+    source that trains it)."""
+    doc = {"code": code, "student": {k: v for k, v in asdict(student).items() if k != "tower_config"},
            "tower_config": student.tower_config, "data": data_id,
            "experts": {k: v for k, v in asdict(cfg).items() if k not in ("num_experts", "num_workers")}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -118,7 +119,7 @@ def train_expert(index: int, train: TrainData, student: StudentConfig, cfg: Expe
 
 def train_experts(out_dir: str | Path, train: TrainData, student: StudentConfig, cfg: ExpertConfig,
                   data_id: str, device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True, code: str = "") -> list[Path]:
     """Train the experts ``indices`` (default: all) into ``out_dir``; finished experts with the same config are kept.
 
     Every expert has an explicit index and a deterministic path, so reruns and parallel workers never collide. An
@@ -126,7 +127,7 @@ def train_experts(out_dir: str | Path, train: TrainData, student: StudentConfig,
     in the sidecar (a full pass over the file); a corrupt, half-written or stale one is retrained.
     """
     out_dir = Path(out_dir)
-    chash = config_hash(student, cfg, data_id)
+    chash = config_hash(student, cfg, data_id, code)
     paths = []
     ks = list(range(cfg.num_experts) if indices is None else indices)
     bar = Progress(len(ks) * cfg.epochs, f"experts ({len(ks)} x {cfg.epochs} epochs)", "epoch", enabled=progress)

@@ -24,6 +24,7 @@ from benchmark.paths import Layout
 from benchmark.stages.cells import Cell, hash_json
 
 log = logging.getLogger(__name__)
+EXPERTS_CODE = ("benchmark.stages.experts",)  # the code whose digest is part of the experts' identity
 
 
 class StageContext:
@@ -101,8 +102,9 @@ class StageContext:
 
     def expert_config_hash(self, ds: str) -> str:
         from benchmark.experts.train import config_hash
+        from benchmark.stages.code_deps import code_digest
 
-        return config_hash(self.student, self.cfg.experts, self.data_id(ds))
+        return config_hash(self.student, self.cfg.experts, self.data_id(ds), code_digest(EXPERTS_CODE))
 
     def experts(self, ds: str):
         """The dataset's expert collection, refused if trained under another configuration."""

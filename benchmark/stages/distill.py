@@ -24,6 +24,7 @@ from benchmark.io import read_json, write_json
 from benchmark.registry import get_method
 from benchmark.requirements import EXPERTS
 from benchmark.stages.cells import Cell, file_digest, hash_json
+from benchmark.stages.code_deps import code_digest
 from benchmark.stages.context import StageContext
 from benchmark.stages.experts import experts_digest
 from benchmark.stages.prepare import check_prepared, prepared_digest
@@ -33,14 +34,16 @@ OUTPUTS = ("distilled.safetensors", "distilled.json", "distill_log.jsonl")
 
 
 def cell_inputs(ctx: StageContext, cell: Cell) -> tuple[type, dict[str, Any], list, str]:
-    """(method class, resolved params, requirements, key): the key hashes everything the set depends on —
-    params, budget, seed, training data, student, and the content identity of experts and prepared artifacts."""
+    """(method class, resolved params, requirements, key): the key hashes everything the set depends on — the
+    code that runs (stage and method), params, budget, seed, training data, student, and the content identity of
+    experts and prepared artifacts."""
     cls = get_method(cell.method)
     params = ctx.cfg.cell_params(cell.method, cell.dataset, cell.budget)
     check_param_names(cls, ctx.cfg.profile, cell, params)
     reqs = cls.requirements(params, cell.budget)
     needs_experts = any(r.kind == EXPERTS for r in reqs)
-    key = hash_json({"method": cell.method, "params": params, "budget": cell.budget, "seed": cell.seed,
+    key = hash_json({"code": code_digest(("benchmark.stages.distill", cls.__module__)),
+                     "method": cell.method, "params": params, "budget": cell.budget, "seed": cell.seed,
                      "data": ctx.data_id(cell.dataset), "student": asdict(ctx.student),
                      "experts": experts_digest(ctx, cell.dataset) if needs_experts else None,
                      "prepared": prepared_digest(check_prepared(ctx, cell.dataset, cell.method, reqs))})

@@ -22,6 +22,7 @@ from benchmark.evaluation import EvalConfig, evaluate_set
 from benchmark.io import read_json, write_json
 from benchmark.seeding import derive_seed
 from benchmark.stages.cells import Cell, file_digest, hash_json, read_history
+from benchmark.stages.code_deps import code_digest
 from benchmark.stages.context import StageContext
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,14 @@ def cell_eval_config(ctx: StageContext, cell: Cell) -> EvalConfig:
 
 
 def evaluate_key(ctx: StageContext, cell: Cell, cell_dir: Path) -> str:
-    """Everything ``metrics.json`` is a function of, including the set's bytes (not only its JSON)."""
+    """Everything ``metrics.json`` is a function of: the code that runs, the set's bytes (not only its JSON), the
+    evaluation settings and the test split."""
     for name in ("distilled.safetensors", "distilled.json"):
         if not (cell_dir / name).is_file():
             raise FileNotFoundError(f"{cell_dir / name} is missing: run `mmdd distill` for this cell")
     ecfg, ds = cell_eval_config(ctx, cell), cell.dataset
-    return hash_json({"set": [file_digest(cell_dir / "distilled.safetensors"),
+    return hash_json({"code": code_digest(("benchmark.stages.evaluate",)),
+                      "set": [file_digest(cell_dir / "distilled.safetensors"),
                               file_digest(cell_dir / "distilled.json")],
                       "eval": asdict(ecfg), "student": asdict(ctx.student), "test": split_id(ctx, ds, "test"),
                       "val": split_id(ctx, ds, "val") if ecfg.select == "val" else None})

@@ -7,7 +7,8 @@ from pathlib import Path
 from benchmark.experts.train import train_experts
 from benchmark.interface import TrainData
 from benchmark.stages.cells import tree_digest
-from benchmark.stages.context import StageContext
+from benchmark.stages.code_deps import code_digest
+from benchmark.stages.context import EXPERTS_CODE, StageContext
 
 
 def experts(ctx: StageContext, ds: str, indices: list[int] | None = None) -> list[Path]:
@@ -17,7 +18,7 @@ def experts(ctx: StageContext, ds: str, indices: list[int] | None = None) -> lis
         split = ctx.caption_split(ds, "train")
         train = TrainData(ctx.images(ds, split, "train"), train.texts, train.caption_image, train.captions)
     return train_experts(ctx.experts_dir(ds), train, ctx.student, ctx.cfg.experts, ctx.data_id(ds), ctx.device,
-                         indices, ctx.progress)
+                         indices, ctx.progress, code_digest(EXPERTS_CODE))
 
 
 def experts_digest(ctx: StageContext, ds: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from benchmark.evaluation import EvalConfig, evaluate_experts, evaluate_full_data
 from benchmark.io import read_json, write_json
 from benchmark.stages.cells import hash_json
+from benchmark.stages.code_deps import code_digest
 from benchmark.stages.context import StageContext
 from benchmark.stages.evaluate import split_id
 
@@ -45,7 +46,8 @@ def full_data(ctx: StageContext, ds: str, force: bool = False) -> dict[str, Any]
     """Write every reference row of ``ds``; returns the harness's own full-data metrics (``metrics.json``)."""
     out_dir = ctx.layout.full_data(ctx.cfg.preset, ds)
     fd, ex = ctx.cfg.full_data, ctx.cfg.experts
-    base = {"data": ctx.data_id(ds), "student": asdict(ctx.student), "test": split_id(ctx, ds, "test")}
+    base = {"code": code_digest(("benchmark.stages.full_data",)), "data": ctx.data_id(ds),
+            "student": asdict(ctx.student), "test": split_id(ctx, ds, "test")}
     common = {"pairs": None, "dataset": ds, "reference": True}
     seconds: dict[str, float] = {}
 
