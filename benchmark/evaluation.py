@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from benchmark.distilled import DistilledSet
 from benchmark.interface import TrainData
 from benchmark.metrics import retrieval_metrics
 from benchmark.models.student import DualEncoder, StudentConfig, build_student
+from benchmark.progress import Progress
 from benchmark.seeding import derive_seed, seeded
 from benchmark.training import SGDConfig, contrastive_step, encode, freeze_copy, index_batches, make_optimizer
 
@@ -139,13 +139,15 @@ def fit(model: DualEncoder, n: int, batch: BatchFn, sgd: SGDConfig, epochs: int,
     else:
         opt, sched = optim
     when = Schedule([epochs], [], batch_size, batching, lr_drop, False, every, eval_offset)
-    for epoch in tqdm(range(epochs), desc=desc, disable=not desc, leave=False):
-        for idx in index_batches(n, batch_size, generator, mode=batching):
-            x, t, s = batch(idx)
-            contrastive_step(model, opt, x.to(device), t.to(device), None if s is None else s.to(device), loss)
-        sched.step()
-        if on_eval is not None and when.evaluates_after(epoch, epochs):
-            on_eval(epoch)
+    with Progress(epochs, desc or "epochs", "epoch", enabled=None if desc else False) as bar:
+        for epoch in range(epochs):
+            for idx in index_batches(n, batch_size, generator, mode=batching):
+                x, t, s = batch(idx)
+                contrastive_step(model, opt, x.to(device), t.to(device), None if s is None else s.to(device), loss)
+            sched.step()
+            if on_eval is not None and when.evaluates_after(epoch, epochs):
+                on_eval(epoch)
+            bar.update()
 
 
 def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, seed: int,
@@ -223,8 +225,11 @@ def evaluate_set(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, te
                  progress: bool = True) -> dict[str, Any]:
     """Evaluate ``cfg.students`` seeded students; per protocol: per-student metrics and mean/std per metric."""
     runs = []
-    for k in tqdm(range(cfg.students), desc="eval students", disable=not progress, leave=False):
-        runs.append(evaluate_student(dset, student, cfg, derive_seed(cfg.seed, "eval-student", k), test, val, device))
+    with Progress(cfg.students, "eval students", "student", enabled=None if progress else False) as bar:
+        for k in range(cfg.students):
+            runs.append(evaluate_student(dset, student, cfg, derive_seed(cfg.seed, "eval-student", k), test, val,
+                                         device))
+            bar.update()
     return {"select": cfg.select, "protocols": {p: {"students": [r[p] for r in runs], **summarize([r[p] for r in runs])}
                                                 for p in cfg.protocols}}
 

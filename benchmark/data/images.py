@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from benchmark.progress import Progress
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -43,9 +44,11 @@ def load_images(root: str | os.PathLike, paths: Sequence[str], transform: Callab
     first = folder[0]
     out = torch.empty((len(folder), *first.shape), dtype=torch.float32)
     out[0] = first
-    for i in tqdm(range(1, len(folder)), desc=f"images {Path(root).name}", disable=not progress,
-                  initial=1, total=len(folder)):
-        out[i] = folder[i]
+    with Progress(len(folder), f"images {Path(root).name}", "image", initial=1,
+                  enabled=None if progress else False) as bar:
+        for i in range(1, len(folder)):
+            out[i] = folder[i]
+            bar.update()
     return out
 
 

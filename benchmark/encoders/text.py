@@ -17,10 +17,10 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
 from benchmark.data.karpathy import CaptionSplit
 from benchmark.io import write_tensors
+from benchmark.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,13 @@ def encode_texts(texts: list[str], encoder: str = "minilm", device: str = "cpu",
     feats = torch.empty((len(unique), model.config.hidden_size), dtype=torch.float32)
     starts = range(0, len(order), batch_size)
     with torch.inference_mode():
-        for s in tqdm(starts, desc=f"encode {encoder}", disable=not progress, unit="batch"):
-            idx = order[s:s + batch_size]
-            batch = tokenizer([unique[i] for i in idx], padding=True, truncation=True, return_tensors="pt")
-            out = model(**batch.to(device)).last_hidden_state[:, 0, :]
-            feats[idx] = out.float().cpu()
+        with Progress(len(starts), f"encode {encoder}", "batch", enabled=None if progress else False) as bar:
+            for s in starts:
+                idx = order[s:s + batch_size]
+                batch = tokenizer([unique[i] for i in idx], padding=True, truncation=True, return_tensors="pt")
+                out = model(**batch.to(device)).last_hidden_state[:, 0, :]
+                feats[idx] = out.float().cpu()
+                bar.update()
     return feats[[slot[t] for t in texts]] if texts else feats
 
 
@@ -171,33 +173,33 @@ def read_feature_metadata(path: str | os.PathLike) -> dict[str, str]:
 _read_metadata = read_feature_metadata  # older private name, still imported elsewhere
 
 
-def _feature_metadata(encoder: str, split: CaptionSplit, dim: int, digest: str) -> dict[str, str]:
+def _feature_metadata(encoder: str, split: CaptionSplit, dim: int, digest: str, code: str = "") -> dict[str, str]:
     """What a feature file records about itself: only inputs of the computation (no time, host or path), so
     re-embedding the same captions gives the same bytes; keys sorted."""
     meta = {"encoder": encoder, "dim": str(dim), "captions_sha256": digest, "n_captions": str(split.n_captions),
-            "n_images": str(split.n_images)}
+            "n_images": str(split.n_images), "code": code}
     return dict(sorted(meta.items()))
 
 
 def embed_split(split: CaptionSplit, out_path: Path, encoder: str = "minilm", device: str = "cpu",
-                batch_size: int = 256, progress: bool = True) -> Path:
+                batch_size: int = 256, progress: bool = True, code: str = "") -> Path:
     """Encode the captions of ``split`` to ``out_path`` (safetensors: ``features``, ``txt2img``; atomic).
 
-    Does nothing when ``out_path`` already holds features of the same captions by the same encoder; a damaged
-    file is recomputed.
+    Does nothing when ``out_path`` already holds features of the same captions by the same encoder and code
+    (``code``: a digest of the source that embeds); a damaged file is recomputed.
     """
     out_path = Path(out_path)
     digest = _captions_hash(split.captions)
     if out_path.is_file():
         try:
             meta = read_feature_metadata(out_path)
-            if meta.get("encoder") == encoder and meta.get("captions_sha256") == digest:
+            if meta.get("encoder") == encoder and meta.get("captions_sha256") == digest and meta.get("code", "") == code:
                 log.info("caption features %s are up to date", out_path)
                 return out_path
         except ValueError as err:
             log.warning("recomputing: %s", err)
     feats = encode_texts(split.captions, encoder, device, batch_size, progress)
-    meta = _feature_metadata(encoder, split, feats.shape[1], digest)
+    meta = _feature_metadata(encoder, split, feats.shape[1], digest, code)
     write_tensors(out_path, {"features": feats, "txt2img": split.txt2img.to(torch.int64)}, metadata=meta)
     log.info("wrote %s caption features %s to %s", encoder, tuple(feats.shape), out_path)
     return out_path
