@@ -145,3 +145,21 @@ def test_record_catches_up_on_results_computed_with_tracking_off(tiny_project, t
     refs = [r for r in runs if r.data.tags["mmdd.kind"] == "reference"]
     assert "full-data" in {r.info.run_name for r in refs}
     assert all(r.data.metrics["test.strict.r_mean"] > 0 for r in refs)
+
+
+def test_two_processes_creating_one_row_converge_on_the_first(recorder):
+    """Two workers starting seeds of one row at once may each create its row run: every later call keeps the
+    earlier one, moves the other's seed runs to it and removes it."""
+    from benchmark.tracking.recorder import CREATED_TAG
+
+    cell = Cell("shapes", "random", 10, 0)
+    exp, key = recorder.experiment("shapes"), recorder.group(cell)
+    rows = [recorder.client.create_run(exp, run_name="random/b10", tags={L.KEY: key, L.LEVEL: L.AGGREGATE,
+                                                                        CREATED_TAG: str(ns)})
+            for ns in (2000, 1000)]  # the second was created first
+    child = recorder.client.create_run(exp, tags={L.PARENT_TAG: rows[0].info.run_id, L.LEVEL: L.SEED,
+                                                  "mmdd.seed": "1"})
+    assert recorder.parent(cell) == rows[1].info.run_id
+    assert recorder.client.get_run(child.info.run_id).data.tags[L.PARENT_TAG] == rows[1].info.run_id
+    assert recorder.client.get_run(rows[0].info.run_id).info.lifecycle_stage == "deleted"
+    assert [r.info.run_id for r in recorder._find(exp, key)] == [rows[1].info.run_id]

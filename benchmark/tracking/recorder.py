@@ -28,6 +28,7 @@ from benchmark.tracking.store import Tracker, git_commit
 
 log = logging.getLogger(__name__)
 ARTIFACTS = ("images.png", "nearest_captions.tsv", "loss_curve.png")
+CREATED_TAG = "mmdd.created_ns"  # creation order of row runs (their start time may be backdated)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -162,12 +163,12 @@ class Recorder:
         exp, key = self.experiment(cell.dataset), self.group(cell)
         found = self._find(exp, key)
         if found:
-            rid = found[0].info.run_id
-            if reopen and found[0].info.status != "RUNNING":
-                self.client.update_run(rid, status="RUNNING")
-            return rid
+            run = self._one_row(exp, found)
+            if reopen and run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
         run = self.client.create_run(exp, start_time=start_ms, run_name=L.parent_name(cell.method, cell.budget),
-                                     tags={**self._tags(cell, L.AGGREGATE, key),
+                                     tags={**self._tags(cell, L.AGGREGATE, key), CREATED_TAG: str(time.time_ns()),
                                            L.NOTE_TAG: f"{cell.method} at {cell.budget} pairs: mean over the grid "
                                                        "seeds ± 95 % t half-width (`.ci95`); expand for each seed."})
         params = self.cfg.cell_params(cell.method, cell.dataset, cell.budget)
@@ -177,7 +178,26 @@ class Recorder:
                                                   "student": {"tower": self.cfg.student.tower,
                                                               "temperature": self.cfg.student.temperature},
                                                   "text_encoder": self.cfg.text_encoder})
-        return run.info.run_id
+        return self._one_row(exp, self._find(exp, key)).info.run_id  # another process may have made one too
+
+    def _one_row(self, exp: str, found: list):
+        """The row run among ``found`` (runs with one row key), removing the others.
+
+        Two processes that start seeds of one row at once may each create its row run. Both keep the one created
+        first (the other process searched before it existed, so it is the earlier): every process converges on
+        it, and the other's children, if any, move to it."""
+        def created(run) -> tuple[int, str]:
+            return int(run.data.tags.get(CREATED_TAG) or run.info.start_time * 10**6), run.info.run_id
+
+        keep, *extra = sorted(found, key=created)
+        for other in extra:
+            for child in self.tracker.runs(exp, f"tags.`{L.PARENT_TAG}` = '{other.info.run_id}'"):
+                self.client.set_tag(child.info.run_id, L.PARENT_TAG, keep.info.run_id)
+            try:
+                self.client.delete_run(other.info.run_id)
+            except Exception as exc:  # noqa: BLE001 - the other process deleted it first
+                log.debug("row run %s already removed: %s", other.info.run_id, exc)
+        return keep
 
     def _seed_runs(self, cell: Cell) -> list:
         return self._find(self.experiment(cell.dataset), L.seed_key(self.group(cell), cell.seed))
@@ -260,8 +280,10 @@ class Recorder:
         end times from the distillation's measured seconds where known."""
         cell_dir = self.ctx.cell_dir(cell)
         volatile = _read_json(cell_dir / "distill.volatile.json") or {}
-        end = cell_dir / "distilled.safetensors"
-        end_ms = int((end.stat().st_mtime if end.exists() else time.time()) * 1000)
+        # the stage writes distill.volatile.json when it ends; the set's own mtime may be DVC's cache copy's
+        end = next((p for p in (cell_dir / "distill.volatile.json", cell_dir / "distilled.safetensors")
+                    if p.exists()), None)
+        end_ms = int((end.stat().st_mtime if end else time.time()) * 1000)
         start_ms = end_ms - int(1000 * float(volatile.get("seconds") or 0.0))
         rid = self._new_seed_run(cell, start_ms)
         history = _read_jsonl(cell_dir / "distill_log.jsonl") + _read_jsonl(cell_dir / "distill_log.volatile.jsonl")
@@ -329,11 +351,14 @@ class Recorder:
     @_safely("recording the results on disk")
     def sync(self) -> int | None:
         """Record every evaluated cell and reference row of the grid that MLflow lacks; returns the cells seen."""
-        n = 0
+        n, rows = 0, {}
         for cell in self.ctx.cells():
             if (self.ctx.cell_dir(cell) / "metrics.json").is_file():
                 self.evaluated(cell)
+                rows.setdefault((cell.dataset, cell.method, cell.budget), cell)
                 n += 1
+        for cell in rows.values():
+            self.refresh(cell)
         for ds in self.cfg.datasets:
             self.references(ds)
         return n
