@@ -190,6 +190,7 @@ def test_param_change_reruns_only_that_method_and_survives_interruption(project,
 
     params = root / "params.yaml"
     doc = yaml.safe_load(params.read_text())
+    old_lr = doc["methods"]["forgetting"]["shapes"]["b10"]["lr_img"]
     doc["methods"]["forgetting"]["shapes"]["b10"]["lr_img"] = 0.05
     params.write_text(yaml.safe_dump(doc, sort_keys=False))
     # Interrupt the rerun in the middle of the grid, then rerun: it must finish without manual clean-up.
@@ -213,12 +214,21 @@ def test_param_change_reruns_only_that_method_and_survives_interruption(project,
     info = json.loads((root / "results/cells/tiny/shapes/forgetting/b10/s0/distilled.json").read_text())
     assert info["meta"]["params"]["lr_img"] == 0.05
     # The new runs went through the real MLflow server; the old ones are in the same store.
+    # A changed configuration is a new table row: forgetting has its old row (lr_img as before) and a new one
+    # (lr_img 0.05), each with its two seeds; random's row was left alone.
     _, runs = _mlflow_runs(mlflow_server)
-    finished = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.status == "FINISHED"]
-    by_method = {}
-    for r in finished:
-        by_method.setdefault(r.data.tags["mmdd.method"], []).append(r)
-    assert len(by_method["random"]) == 2 and len(by_method["forgetting"]) == 4
+    rows, seeds = {}, {}
+    for r in runs:
+        if r.info.status == "FINISHED" and r.data.tags.get("mmdd.level") in ("aggregate", "seed"):
+            by = rows if r.data.tags["mmdd.level"] == "aggregate" else seeds
+            by.setdefault(r.data.tags["mmdd.method"], []).append(r)
+    assert len(rows["random"]) == 1 and len(seeds["random"]) == 2
+    assert sorted(r.data.params["hp.lr_img"] for r in rows["forgetting"]) == sorted(
+        [str(doc["methods"]["forgetting"]["shapes"]["b10"]["lr_img"]), str(old_lr)])
+    assert len(seeds["forgetting"]) == 4
+    for row in rows["forgetting"]:
+        children = [r for r in seeds["forgetting"] if r.data.tags["mlflow.parentRunId"] == row.info.run_id]
+        assert sorted(r.data.tags["mmdd.seed"] for r in children) == ["0", "1"] and row.data.metrics["seeds"] == 2
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
