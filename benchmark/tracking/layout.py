@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
@@ -69,6 +70,10 @@ def seed_name(method: str, budget: int, seed: int) -> str:
     return f"{method}/b{budget}/s{seed}"
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def test_metrics(protocols: Mapping[str, Any]) -> dict[str, float]:
     """A metrics.json's protocols as ``test.<protocol>.<metric>`` (mean over students) and ``….std``."""
     out: dict[str, float] = {}
@@ -86,7 +91,7 @@ def student_metrics(protocols: Mapping[str, Any]) -> list[tuple[str, float, int]
     for proto, summary in protocols.items():
         for k, student in enumerate(summary.get("students", [])):
             out += [(f"students.test.{proto}.{name}", float(v), k) for name, v in student.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                    if _is_number(v)]
     return out
 
 
@@ -105,8 +110,7 @@ def aggregate_metrics(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, 
         out[name] = iv.mean
         if iv.n > 1:
             out[f"{name}.ci95"] = iv.half_width
-            mean = iv.mean
-            out[f"{name}.std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            out[f"{name}.std"] = statistics.stdev(values)
     return out
 
 
@@ -116,7 +120,7 @@ def history_metrics(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, flo
     for rec in records:
         step = int(rec.get("step", 0))
         out += [(f"distill.{k}", float(v), step) for k, v in rec.items()
-                if k not in NOT_CHARTED and isinstance(v, (int, float)) and not isinstance(v, bool)
+                if k not in NOT_CHARTED and _is_number(v)
                 and math.isfinite(float(v))]
     return out
 
@@ -127,7 +131,7 @@ def cost_metrics(distill_volatile: Mapping[str, Any] | None, eval_seconds: float
     pick = {"cost.distill_seconds": d.get("seconds"), "cost.distill_sec_per_iter": d.get("sec_per_iter_mean"),
             "cost.distill_peak_mem_mb": d.get("peak_mem_mb_max"), "cost.teacher_io_seconds": d.get("teacher_io_s"),
             "cost.eval_seconds": eval_seconds, "set.pairs": d.get("pairs"), "set.bytes": d.get("bytes")}
-    return {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in pick.items() if _is_number(v)}
 
 
 def _col(kind: str, key: str) -> str:

@@ -13,6 +13,7 @@ Every public method logs a warning and returns None when the store fails: result
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -22,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from benchmark.stages.cells import Cell
+from benchmark.stages.cells import Cell, read_history
 from benchmark.tracking import layout as L
 from benchmark.tracking.store import Tracker, git_commit
 
@@ -38,16 +39,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-
-
 def _safely(what: str):
     """Decorator: a store failure becomes one warning (results are already on disk), the call returns None."""
     def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
         def inner(self, *args, **kwargs):
             try:
                 return fn(self, *args, **kwargs)
@@ -55,7 +50,6 @@ def _safely(what: str):
                 log.warning("MLflow tracking failed while %s (%s: %s); the results on disk are complete, "
                             "`mmdd record` records them later", what, type(exc).__name__, exc)
                 return None
-        inner.__doc__ = fn.__doc__
         return inner
     return wrap
 
@@ -67,8 +61,9 @@ class LogFollower:
         self.tracker, self.run_id, self.paths, self.interval_s = tracker, run_id, paths, interval_s
         # what the logs hold now belongs to an earlier run; a method that starts (or resumes) replaces the file
         # (JsonlLogger.truncate), and from then on every line is this run's
-        self.offsets = {p: self._stat(p)[1] for p in paths}
-        self.inodes = {p: self._stat(p)[0] for p in paths}
+        self.inodes, self.offsets = {}, {}
+        for p in paths:
+            self.inodes[p], self.offsets[p] = self._stat(p)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mmdd-mlflow-follow", daemon=True)
 
@@ -130,6 +125,11 @@ class Recorder:
         self.client = self.tracker.client
         self._experiments: dict[str, str] = {}
 
+    @functools.cached_property
+    def commit(self) -> str:
+        """The project's git commit (one ``git`` call per recorder, not one per run)."""
+        return git_commit(self.tracker.root)
+
     # identities -------------------------------------------------------------------------------------------------
     def experiment(self, ds: str) -> str:
         if ds not in self._experiments:
@@ -150,7 +150,7 @@ class Recorder:
             "coreset" if cell.method in self.cfg.report.coresets else "main")
         tags = {L.KIND: "method", L.LEVEL: level, L.KEY: key, "mmdd.preset": self.cfg.preset,
                 "mmdd.dataset": cell.dataset, "mmdd.method": cell.method, "mmdd.budget": str(cell.budget),
-                "mmdd.role": role, "mlflow.source.git.commit": git_commit(self.tracker.root)}
+                "mmdd.role": role, "mlflow.source.git.commit": self.commit}
         if level == L.SEED:
             tags["mmdd.seed"] = str(cell.seed)
         return tags
@@ -249,9 +249,10 @@ class Recorder:
 
     # evaluation -------------------------------------------------------------------------------------------------
     @_safely("recording an evaluation")
-    def evaluated(self, cell: Cell) -> str | None:
+    def evaluated(self, cell: Cell, refresh: bool = True) -> str | None:
         """Record ``cell``'s metrics.json in its seed run (made from the files if distillation was not recorded)
-        and refresh the row; returns the seed run id."""
+        and refresh the row (unless ``refresh`` is False: the caller refreshes once per row); returns the seed run
+        id."""
         cell_dir = self.ctx.cell_dir(cell)
         res = _read_json(cell_dir / "metrics.json")
         if res is None:
@@ -272,7 +273,8 @@ class Recorder:
             if (cell_dir / "artifacts" / name).is_file():
                 self.client.log_artifact(rid, str(cell_dir / "artifacts" / name))
         self.client.set_tag(rid, "mmdd.eval_key", res["key"])
-        self.refresh(cell)
+        if refresh:
+            self.refresh(cell)
         return rid
 
     def _backfill_distill(self, cell: Cell) -> str:
@@ -286,8 +288,7 @@ class Recorder:
         end_ms = int((end.stat().st_mtime if end else time.time()) * 1000)
         start_ms = end_ms - int(1000 * float(volatile.get("seconds") or 0.0))
         rid = self._new_seed_run(cell, start_ms)
-        history = _read_jsonl(cell_dir / "distill_log.jsonl") + _read_jsonl(cell_dir / "distill_log.volatile.jsonl")
-        metrics = L.history_metrics(history) + [(k, v, 0) for k, v in L.cost_metrics(volatile).items()]
+        metrics = L.history_metrics(read_history(cell_dir)) + [(k, v, 0) for k, v in L.cost_metrics(volatile).items()]
         self.tracker.log_metrics(rid, metrics, end_ms)
         self.client.set_terminated(rid, status="FINISHED", end_time=end_ms)
         return rid
@@ -354,7 +355,7 @@ class Recorder:
         n, rows = 0, {}
         for cell in self.ctx.cells():
             if (self.ctx.cell_dir(cell) / "metrics.json").is_file():
-                self.evaluated(cell)
+                self.evaluated(cell, refresh=False)
                 rows.setdefault((cell.dataset, cell.method, cell.budget), cell)
                 n += 1
         for cell in rows.values():
