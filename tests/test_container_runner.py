@@ -78,11 +78,14 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-def test_method_runs_in_container_and_the_harness_evaluates_it(tiny_project, image, tmp_path):
+def test_method_runs_in_container_and_the_harness_evaluates_it(tiny_project, image, tmp_path, monkeypatch):
     root, _ = tiny_project
     results = tmp_path / "docker"
     cell_args = ["--method", "random", "--budget", "10", "--seed", "0"]
     data_before = _snapshot(root / "data")
+    # the harness records the run around the container (outside results/, so the listing below is the cell's)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
 
     assert main(["distill", *_args(tiny_project, results), *cell_args, "--runner", "docker"]) == 0
 
@@ -91,6 +94,11 @@ def test_method_runs_in_container_and_the_harness_evaluates_it(tiny_project, ima
     assert written - {CELL / "distill_log.jsonl"} == {CELL / "distilled.json", CELL / "distilled.safetensors",
                                                        CELL / "distill.volatile.json"}
     assert not (results / CELL / ".container").exists()
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("mmdd/tiny/shapes").experiment_id], "tags.`mmdd.level` = 'seed'")
+    assert run.info.run_name == "random/b10/s0" and run.info.status == "FINISHED"
     assert all(p.stat().st_uid == os.getuid() for p in results.rglob("*"))
     info = read_json(results / CELL / "distill.volatile.json")  # where and how long: kept out of the hashed set
     assert info["runner"] == "docker" and info["pairs"] == 10 and info["container_image"] == image
