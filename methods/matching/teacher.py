@@ -181,6 +181,42 @@ class ShortcutTeacher(Teacher):
                 "experts": len(self.trajectories), "config_hash": self.config_hash}
 
 
+class MemoryTeacher(Teacher):
+    """Trajectories held in memory (the head-only experts of ``student = heads``, :mod:`.heads`)."""
+
+    kind = "head-experts"
+
+    def __init__(self, trajectories: list[dict[str, list[torch.Tensor]]], record: dict[str, Any],
+                 cache_mb: int = 512):
+        super().__init__(cache_mb)
+        if not trajectories:
+            raise ValueError("a head-expert teacher needs at least one trajectory")
+        self.trajectories = trajectories
+        self.record = record
+        self._last = min(len(t[m]) for t in trajectories for m in TOWERS) - 1
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    @property
+    def first_epoch(self) -> int:
+        return 0
+
+    @property
+    def last_epoch(self) -> int:
+        return self._last
+
+    def _read(self, k, tower, epoch, device):
+        return self.trajectories[k][tower][epoch].to(device)
+
+    @property
+    def bytes_read(self) -> int:
+        return 0  # nothing is read from disk
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "experts": len(self), "epochs": [0, self._last], **self.record}
+
+
 def make_teacher(spec: TeacherSpec, experts: ExpertCollection, shortcut_dir: str | Path | None = None,
                  cache_mb: int = 512, layer_numels: dict[str, list[int]] | None = None) -> Teacher:
     """The teacher of ``spec`` over ``experts``.
