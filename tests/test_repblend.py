@@ -186,12 +186,13 @@ def test_pass_four_replays_pass_three_exactly(dropout):
     assert torch.equal(again["img"], G["img"]) and torch.equal(again["txt"], G["txt"])
 
 
-@pytest.mark.parametrize("normalize", ["separate", "merged"])
-@pytest.mark.parametrize("encoder_grad", ["accumulate", "per_step"])
-def test_gradients_equal_autograd_of_the_detached_chain_with_blending_inside(normalize, encoder_grad):
+@pytest.mark.parametrize("normalize, encoder_grad, retain", [
+    ("separate", "accumulate", False), ("merged", "accumulate", False), ("separate", "accumulate", True),
+    ("separate", "per_step", False), ("merged", "per_step", True)])
+def test_gradients_equal_autograd_of_the_detached_chain_with_blending_inside(normalize, encoder_grad, retain):
     """§6.5: data, S and η gradients of the engine equal autograd of J (detached chain, blending inside ℓ_i,
-    first order through the frozen encoder)."""
-    cfg = config(inner_dropout="off", normalize=normalize, encoder_grad=encoder_grad,
+    first order through the frozen encoder), whether the first pass keeps its graphs or the second recomputes."""
+    cfg = config(inner_dropout="off", normalize=normalize, encoder_grad=encoder_grad, retain_graph=retain,
                  bug_compat={"lr_grad_separate_norm": True})
     matcher, syn, th0, th1, plan = setup(cfg)
     assert len(torch.cat(plan.batches)) > len(torch.unique(torch.cat(plan.batches)))  # samples repeat across steps

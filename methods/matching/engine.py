@@ -297,11 +297,9 @@ class Matcher:
         rows of unused samples stay 0 and are never read."""
         used = self._used(plan)
         with torch.no_grad():
-            first = self.encoder(syn.images[used[:1]])
-            feats = torch.zeros(syn.images.shape[0], first.shape[1], dtype=first.dtype, device=first.device)
-            for s in range(0, used.numel(), ENCODE_CHUNK):
-                rows = used[s:s + ENCODE_CHUNK]
-                feats[rows] = self.encoder(syn.images[rows])
+            chunks = [self.encoder(syn.images[used[s:s + ENCODE_CHUNK]]) for s in range(0, used.numel(), ENCODE_CHUNK)]
+        feats = chunks[0].new_zeros(syn.images.shape[0], chunks[0].shape[1])
+        feats[used] = torch.cat(chunks)
         return feats
 
     def _features_to_images(self, grads: dict[str, torch.Tensor], syn: SynState, plan: StepPlan) -> None:

@@ -17,6 +17,7 @@ symmetric CE at the student's τ, dropout on, a fresh seeded pair of heads per e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,18 +91,10 @@ def frozen_encoder(task: DistillTask, rep: RepresentationSpec, method: str) -> t
 def make_heads(text_dim: int, width: int, temperature: float, dropout: float, image_size: int,
                seed: int | None) -> DualEncoder:
     """A fresh (seeded) image head width→width and text head text_dim→width as a DualEncoder over features."""
-    with seeded(seed) if seed is not None else _nullcontext():
+    with seeded(seed) if seed is not None else contextlib.nullcontext():
         img = ProjectionHead(width, width, dropout)
         txt = ProjectionHead(text_dim, width, dropout)
     return DualEncoder(img, txt, temperature, image_size)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def build_heads_student(task: DistillTask, rep: RepresentationSpec, method: str, seed: int) -> HeadsStudent:
