@@ -22,6 +22,12 @@ constants, G^m = Σ_i g_i^m(θ̄_i, Z_i), and J = Σ_m w_m ‖θ_0^m − η_m G^
 Batch gradients are computed with respect to batch-sized leaf copies and scatter-added into full-size buffers
 (rows B_i of X, T, a, L, R; block [B_i, B_i] of a full S).
 
+``student = heads`` (RepBlend, docs/methods.md#repblend): θ = the two projection heads over a frozen image encoder
+f_enc. With ``encoder_grad = accumulate`` the batch leaves of the image side are the features U = f_enc(X) (computed
+once per iteration under no_grad); ∂J/∂U is scatter-added into an N × d buffer and turned into ∂J/∂X by one encoder
+backward per sample used. ``blend_alpha > 0`` mixes U_B and T_B by the step's M = λI + (1−λ)P inside ℓ_i (never
+S_B); the plan stores (λ, π) so both passes replay them.
+
 Dropout (``inner_dropout``): ``replay`` runs the student in train mode and seeds each inner step's RNG from the
 iteration plan, so the recompute pass sees exactly the forward pass's masks; ``off`` runs it in eval mode. The
 published TESLA behaviour (fresh masks in the recompute) is ``bug_compat.dropout_resample``.
