@@ -307,6 +307,24 @@ def test_engine_run_matches_head_experts_over_expert_zeros_encoder(tmp_path, exp
     assert all(torch.isfinite(v).all() for v in dset.phases[0].tensors().values())
 
 
+def test_head_experts_stop_at_the_last_epoch_the_phases_reach(tmp_path, experts):
+    """Only the epochs a start window can reach are trained, and they are the full-length experts' first epochs."""
+    params = tiny_params(start_window=[0, 1])  # E = 1: epochs 0..1 of the 2-epoch recipe
+    engine = MatchingEngine(make_task(tmp_path / "a", params, budget=8, experts=experts),
+                            EngineConfig.from_params(params, 8), "repblend")
+    short = engine.heads_teacher
+    assert short.last_epoch == 1 and short.describe()["recipe_epochs"] == 2
+    full = MatchingEngine(make_task(tmp_path / "b", tiny_params(start_window=[0, 2]), budget=8, experts=experts),
+                          EngineConfig.from_params(tiny_params(start_window=[0, 2]), 8), "repblend").heads_teacher
+    assert full.last_epoch == 2
+    for a, b in zip(short.trajectories, full.trajectories):
+        assert all(torch.equal(a[m][e], b[m][e]) for m in a for e in (0, 1))
+    with pytest.raises(ValueError, match="head_experts.epochs"):
+        far = tiny_params(start_window=[0, 3])
+        MatchingEngine(make_task(tmp_path / "c", far, budget=8, experts=experts), EngineConfig.from_params(far, 8),
+                       "repblend")
+
+
 def test_experts_and_evaluation_never_blend(tmp_path, experts):
     """§6.9: blending exists only in the distillation inner loop: the head experts are the same with α_b = 1 and
     α_b = 0, and so is a student the harness trains on the set."""

@@ -604,8 +604,10 @@ class MatchingEngine:
     def _head_experts(self, heads) -> MemoryTeacher:
         """The head-only expert trajectories of the ``heads`` student, trained in memory (docs/methods.md#repblend)."""
         spec = self.cfg.representation.head_experts
-        trajs = train_head_experts(heads.encoder, self.task.train, self.task, spec, self.device)
-        record = {"encoder": heads.source, "config_hash": head_experts_hash(heads.source, spec, self.task)}
+        last = max(ph.max_start - 1 + self.cfg.expert_epochs for ph in self.cfg.phases)
+        trajs = train_head_experts(heads.encoder, self.task.train, self.task, spec, self.device, last)
+        record = {"encoder": heads.source, "config_hash": head_experts_hash(heads.source, spec, self.task),
+                  "recipe_epochs": spec.epochs}
         return MemoryTeacher(trajs, record, self.cfg.teacher_cache_mb)
 
     def _teacher(self, k: int, spec: PhaseSpec) -> Teacher:

@@ -124,15 +124,20 @@ def head_experts_hash(source: dict[str, Any], spec: HeadExpertSpec, task: Distil
 
 
 def train_head_experts(encoder: nn.Module, train: TrainData, task: DistillTask, spec: HeadExpertSpec,
-                       device: torch.device) -> list[dict[str, list[torch.Tensor]]]:
-    """``spec.count`` head-only trajectories (float32, on the CPU): θ per tower at init and after every epoch."""
+                       device: torch.device, last_epoch: int) -> list[dict[str, list[torch.Tensor]]]:
+    """``spec.count`` head-only trajectories (float32, on the CPU): θ per tower at init and after epochs
+    1..``last_epoch``. The recipe has no schedule over ``spec.epochs``, so these are exactly the first epochs of the
+    full-length experts; epochs after the last one the phases can reach are never trained."""
+    if not 1 <= last_epoch <= spec.epochs:
+        raise ValueError(f"the phases' start windows reach head-expert epoch {last_epoch}, but head_experts.epochs "
+                         f"is {spec.epochs}: narrow start_window or raise head_experts.epochs")
     dtype = next(encoder.parameters()).dtype
     feats = encode(encoder, train.images, device, dtype).float()
     caption_image = train.caption_image.to(device)
     texts = train.texts.to(device, torch.float32)
     s = task.student
     drop_last = train.n_pairs > spec.batch_size
-    bar = Progress(spec.count * spec.epochs, f"head experts ({spec.count} x {spec.epochs} epochs)", "epoch")
+    bar = Progress(spec.count * last_epoch, f"head experts ({spec.count} x {last_epoch} epochs)", "epoch")
     out = []
     for k in range(spec.count):
         seed = derive_seed(spec.seed, "head-expert", k)
@@ -142,7 +147,7 @@ def train_head_experts(encoder: nn.Module, train: TrainData, task: DistillTask, 
         gen = torch.Generator().manual_seed(seed)
         traj = {m: [flat.flat(m).cpu().clone()] for m in ("img", "txt")}
         with seeded(derive_seed(spec.seed, "head-expert-rng", k)):  # dropout masks
-            for _ in range(spec.epochs):
+            for _ in range(last_epoch):
                 for idx in index_batches(train.n_pairs, spec.batch_size, gen, drop_last=drop_last):
                     idx = idx.to(device)
                     contrastive_step(model, opt, feats[caption_image[idx]], texts[idx], None, "ce")
