@@ -20,6 +20,9 @@ Presets:
 * ``quick`` — CPU-scale defaults on LoRS's quick values (P = 4, b = 25, lr_img = lr_txt = 100, lr_lr = 0.01,
   lr_sim = 10, rank 5, α = 1, 40 iterations) with α_b = 1; the frozen encoder is harness expert 0's image tower at
   its last epoch (``frozen_encoder: expert``); head experts 8 × 10 epochs (the default preset's expert recipe).
+
+Head experts are prepared once per dataset (``mmdd prepare --method repblend``), trained only up to the last epoch
+the start windows reach.
   ``tiny``: 2 × 2 head experts, P = 2, 3 iterations.
 """
 
@@ -29,6 +32,7 @@ from typing import Any, ClassVar
 
 from benchmark.requirements import EXPERTS, Requirement
 from methods.matching import ENGINE_DEFAULTS, MatchingMethod, nearest_row
+from methods.matching.artifacts import head_experts_requirement
 from methods.matching.config import REPRESENTATION_DEFAULTS, EngineConfig
 
 HEADS: dict[str, Any] = dict(REPRESENTATION_DEFAULTS, student="heads", blend_alpha=1.0)
@@ -78,7 +82,8 @@ class RepBlend(MatchingMethod):
 
     @classmethod
     def requirements(cls, params: dict[str, Any], budget: int) -> list[Requirement]:
-        """The harness experts only when the frozen encoder is taken from one of them; the head-only experts are
-        trained by the engine (docs/methods.md#repblend)."""
+        """The head-only experts (a ``head-experts`` artifact that ``mmdd prepare`` builds once per dataset), plus the
+        harness experts when the frozen encoder is taken from one of them (docs/methods.md#repblend)."""
         cfg = EngineConfig.from_params(params, budget)  # fails early, naming the field
-        return [Requirement(EXPERTS)] if cfg.representation.frozen_encoder == "expert" else []
+        heads = head_experts_requirement(cfg)
+        return [Requirement(EXPERTS), heads] if cfg.representation.frozen_encoder == "expert" else [heads]

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 from benchmark.losses import get_loss
+from benchmark.requirements import BuildContext, get_artifact_kind
 from benchmark.models.projection import ProjectionHead
 from benchmark.models.student import FlatStudent
 from benchmark.models.towers import ConvNet
@@ -18,9 +19,10 @@ from matching_fixtures import TEXT_DIM, make_task, write_experts
 from matching_fixtures import single_thread  # noqa: F401  (autouse)
 from methods.lors import LoRS
 from methods.matching import ConfigError, EngineConfig, MatchingEngine
+from methods.matching.artifacts import head_experts_requirement
 from methods.matching.blend import Blend, draw_blend
 from methods.matching.engine import Matcher, PlanSampler, StepPlan, SynState
-from methods.matching.heads import load_flat_into, make_heads
+from methods.matching.heads import HeadExpertCollection, load_flat_into, make_heads
 from methods.matching.similarity import make_similarity
 from methods.repblend import RepBlend
 
@@ -291,11 +293,23 @@ def tiny_params(**over):
                 **over)
 
 
+def prepare_heads(tmp_path, params, experts, budget: int = 8):
+    """A task whose prepared root holds the head experts ``params`` require, built by the registered artifact kind."""
+    task = make_task(tmp_path, params, budget=budget, experts=experts)
+    req = head_experts_requirement(EngineConfig.from_params(params, budget))
+    root = tmp_path / "prepared"
+    ctx = BuildContext(experts.directory, root / req.id, False, student=task.student, device="cpu",
+                       load_train=lambda: task.train, train_id="random-train")
+    get_artifact_kind(req.kind).build(req, ctx)
+    task.prepared = root
+    return task
+
+
 def test_engine_run_matches_head_experts_over_expert_zeros_encoder(tmp_path, experts):
     """The method end to end: the frozen encoder is expert 0's image tower at its last epoch; the teacher is the
-    head-only experts; the encoder is unchanged and every distilled tensor finite."""
+    prepared head-only experts; the encoder is unchanged and every distilled tensor finite."""
     params = tiny_params()
-    task = make_task(tmp_path, params, budget=8, experts=experts)
+    task = prepare_heads(tmp_path, params, experts)
     engine = MatchingEngine(task, EngineConfig.from_params(params, 8), "repblend")
     want = torch.cat([p.reshape(-1) for p in engine.matcher.encoder.parameters()])
     assert torch.equal(want, experts[0].read("img", experts[0].num_timestamps - 1).to(DT))
@@ -307,40 +321,40 @@ def test_engine_run_matches_head_experts_over_expert_zeros_encoder(tmp_path, exp
     assert all(torch.isfinite(v).all() for v in dset.phases[0].tensors().values())
 
 
+def test_without_prepared_head_experts_the_engine_names_mmdd_prepare(tmp_path, experts):
+    params = tiny_params()
+    with pytest.raises(FileNotFoundError, match="mmdd prepare --method repblend"):
+        MatchingEngine(make_task(tmp_path, params, experts=experts), EngineConfig.from_params(params, 8), "repblend")
+
+
+def head_trajectories(task, params) -> list[dict[str, list[torch.Tensor]]]:
+    directory = task.prepared_dir(head_experts_requirement(EngineConfig.from_params(params, 8)))
+    return [{m: [e.read(m, t) for t in range(e.num_timestamps)] for m in ("img", "txt")}
+            for e in HeadExpertCollection(directory)]
+
+
 def test_head_experts_stop_at_the_last_epoch_the_phases_reach(tmp_path, experts):
     """Only the epochs a start window can reach are trained, and they are the full-length experts' first epochs."""
-    params = tiny_params(start_window=[0, 1])  # E = 1: epochs 0..1 of the 2-epoch recipe
-    engine = MatchingEngine(make_task(tmp_path / "a", params, budget=8, experts=experts),
-                            EngineConfig.from_params(params, 8), "repblend")
-    short = engine.heads_teacher
-    assert short.last_epoch == 1 and short.describe()["recipe_epochs"] == 2
-    full = MatchingEngine(make_task(tmp_path / "b", tiny_params(start_window=[0, 2]), budget=8, experts=experts),
-                          EngineConfig.from_params(tiny_params(start_window=[0, 2]), 8), "repblend").heads_teacher
-    assert full.last_epoch == 2
-    for a, b in zip(short.trajectories, full.trajectories):
+    short_p, full_p = tiny_params(start_window=[0, 1]), tiny_params(start_window=[0, 2])  # E = 1: epochs 0..1 / 0..2
+    short = head_trajectories(prepare_heads(tmp_path / "a", short_p, experts), short_p)
+    full = head_trajectories(prepare_heads(tmp_path / "b", full_p, experts), full_p)
+    assert {len(t["img"]) for t in short} == {2} and {len(t["img"]) for t in full} == {3}
+    for a, b in zip(short, full, strict=True):
         assert all(torch.equal(a[m][e], b[m][e]) for m in a for e in (0, 1))
-    with pytest.raises(ValueError, match="head_experts.epochs"):
-        far = tiny_params(start_window=[0, 3])
-        MatchingEngine(make_task(tmp_path / "c", far, budget=8, experts=experts), EngineConfig.from_params(far, 8),
-                       "repblend")
+    with pytest.raises(ConfigError, match="head_experts.epochs"):
+        RepBlend.requirements(tiny_params(start_window=[0, 3]), 8)
 
 
 def test_experts_and_evaluation_never_blend(tmp_path, experts):
-    """§6.9: blending exists only in the distillation inner loop: the head experts are the same with α_b = 1 and
-    α_b = 0, and so is a student the harness trains on the set."""
+    """§6.9: blending exists only in the distillation inner loop: α_b = 1 and α_b = 0 require the same head experts
+    (one prepared artifact), and a student the harness trains on the set is the same under either value."""
     from benchmark.evaluation import EvalConfig, train_student
     from matching_fixtures import tiny_student_config
 
-    trajs, sets = [], []
-    for alpha in (1.0, 0.0):
-        params = tiny_params(blend_alpha=alpha)
-        engine = MatchingEngine(make_task(tmp_path / str(alpha), params, budget=8, experts=experts),
-                                EngineConfig.from_params(params, 8), "repblend")
-        trajs.append(engine.heads_teacher.trajectories)
-        sets.append(engine.run())
-    for a, b in zip(*trajs):
-        assert all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m]))
-    dset = sets[0]
+    on, off = tiny_params(blend_alpha=1.0), tiny_params(blend_alpha=0.0)
+    assert RepBlend.requirements(on, 8) == RepBlend.requirements(off, 8)
+    task = prepare_heads(tmp_path, on, experts)
+    dset = MatchingEngine(task, EngineConfig.from_params(on, 8), "repblend").run()
     cfg = EvalConfig(students=1, epochs=2, batch_size=4, eval_every=1)
     models = []
     for alpha in (1.0, 0.0):
@@ -384,6 +398,8 @@ def test_paper_rows_and_requirements():
     f100 = RepBlend.resolve_params("paper", "flickr30k", 100)
     assert (f100["lr_img"], f100["sim_rank"], f100["sim_alpha"], f100["normalize"]) == (100.0, 10, 3.0, "separate")
     assert f100["frozen_encoder"] == "pretrained" and f100["blend_alpha"] == 1.0
-    assert RepBlend.requirements(f100, 100) == []
+    assert [r.kind for r in RepBlend.requirements(f100, 100)] == ["head-experts"]
     quick = RepBlend.resolve_params("quick", "shapes", 100)
-    assert [r.kind for r in RepBlend.requirements(quick, 100)] == ["experts"]
+    quick_reqs = RepBlend.requirements(quick, 100)
+    assert [r.kind for r in quick_reqs] == ["experts", "head-experts"]
+    assert quick_reqs[1].params["epochs"] == 2 and quick_reqs[1].params["count"] == 8  # windows [0, 2), E = 1

@@ -87,10 +87,13 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         if not kinds:
             continue
         builders = sorted({type(get_artifact_kind(r.kind)).__module__ for r in kinds})
+        data, params = [], [f"methods.{m}.${{item}}"]
+        if any(get_artifact_kind(r.kind).needs_train_data for r in kinds):  # built from the training pairs
+            data, params = ["data/raw/${item}", "data/features/${item}", tower], student_params + params
         stages[f"prepare-{m}"] = {"foreach": "${datasets}", "do": {
             "cmd": " ".join(cli + ["prepare", "--method", m, "--dataset", "${item}"]),
-            "deps": ["data/experts/${item}", *stage_code("prepare", root, builders)],
-            "params": [f"methods.{m}.${{item}}"], "outs": [f"data/prepared/${{item}}/{m}"]}}
+            "deps": [*data, "data/experts/${item}", *stage_code("prepare", root, builders)],
+            "params": params, "outs": [f"data/prepared/${{item}}/{m}"]}}
     for m in cfg.grid.methods:
         reqs = method_requirements(cfg, m)
         deps = ["data/raw/${item.dataset}", "data/features/${item.dataset}", tower]

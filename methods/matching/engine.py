@@ -26,7 +26,8 @@ Batch gradients are computed with respect to batch-sized leaf copies and scatter
 f_enc. With ``encoder_grad = accumulate`` the batch leaves of the image side are the features U = f_enc(X) (computed
 once per iteration under no_grad); ∂J/∂U is scatter-added into an N × d buffer and turned into ∂J/∂X by one encoder
 backward per sample used. ``blend_alpha > 0`` mixes U_B and T_B by the step's M = λI + (1−λ)P inside ℓ_i (never
-S_B); the plan stores (λ, π) so both passes replay them.
+S_B); the plan stores (λ, π) so both passes replay them. The teacher is the head-only experts that ``mmdd prepare``
+built once per dataset (``head-experts`` artifact), read lazily from the task's prepared directory.
 
 Dropout (``inner_dropout``): ``replay`` runs the student in train mode and seeds each inner step's RNG from the
 iteration plan, so the recompute pass sees exactly the forward pass's masks; ``off`` runs it in eval mode. The
@@ -78,12 +79,12 @@ from benchmark.losses import get_loss
 from benchmark.models.student import FlatStudent
 from benchmark.progress import Progress
 from benchmark.seeding import derive_seed
-from methods.matching.artifacts import shortcut_requirement
+from methods.matching.artifacts import head_experts_requirement, shortcut_requirement, trained_head_spec
 from methods.matching.blend import Blend, draw_blend
 from methods.matching.config import EngineConfig, PhaseSpec
-from methods.matching.heads import ENCODE_CHUNK, build_heads_student, head_experts_hash, train_head_experts
+from methods.matching.heads import ENCODE_CHUNK, build_heads_student, open_head_experts
 from methods.matching.similarity import Similarity, make_similarity
-from methods.matching.teacher import MemoryTeacher, Teacher, make_teacher
+from methods.matching.teacher import HeadExpertTeacher, Teacher, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -573,14 +574,14 @@ class MatchingEngine:
         self.callbacks = list(callbacks)
         self.device = torch.device(task.device)
         self.dtype = DTYPES[cfg.dtype]
-        self.heads_teacher: MemoryTeacher | None = None
+        self.heads = cfg.representation.student == "heads"
         encoder = None
-        if cfg.representation.student == "heads":
+        if self.heads:
             heads = build_heads_student(task, cfg.representation, method, derive_seed(task.seed, method, "student"))
-            self.heads_teacher = self._head_experts(heads)
+            self.experts = open_head_experts(task.prepared_dir(head_experts_requirement(cfg)), trained_head_spec(cfg),
+                                             heads.source, method)
             encoder = heads.encoder.to(self.device, self.dtype)
             model = heads.model.to(self.device, self.dtype)
-            self.experts = task.experts
         else:
             self.experts = task.require_experts(method)
             model = task.make_student(seed=derive_seed(task.seed, method, "student")).to(self.dtype)
@@ -592,27 +593,16 @@ class MatchingEngine:
 
     # ------------------------------------------------------------------------------------------------ provenance
     def fingerprint(self) -> str:
-        experts = ([self.experts.meta.get("config_hash"), len(self.experts)] if self.heads_teacher is None else
-                   self.heads_teacher.describe())
         doc = {"method": self.method, "engine": self.cfg.to_json(), "seed": self.task.seed, "budget": self.task.budget,
                "student": {k: v for k, v in dataclasses.asdict(self.task.student).items()},
-               "experts": experts,
+               "experts": [self.experts.meta.get("config_hash"), len(self.experts)],
                "train_pairs": self.task.train.n_pairs}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _head_experts(self, heads) -> MemoryTeacher:
-        """The head-only expert trajectories of the ``heads`` student, trained in memory (docs/methods.md#repblend)."""
-        spec = self.cfg.representation.head_experts
-        last = max(ph.max_start - 1 + self.cfg.expert_epochs for ph in self.cfg.phases)
-        trajs = train_head_experts(heads.encoder, self.task.train, self.task, spec, self.device, last)
-        record = {"encoder": heads.source, "config_hash": head_experts_hash(heads.source, spec, self.task),
-                  "recipe_epochs": spec.epochs}
-        return MemoryTeacher(trajs, record, self.cfg.teacher_cache_mb)
-
     def _teacher(self, k: int, spec: PhaseSpec) -> Teacher:
-        if self.heads_teacher is not None:
-            teacher: Teacher = self.heads_teacher
+        if self.heads:
+            teacher: Teacher = HeadExpertTeacher(self.experts, self.cfg.teacher_cache_mb)
         else:
             root = None
             if spec.teacher.kind == "shortcut":
@@ -622,8 +612,9 @@ class MatchingEngine:
         for m in TOWERS:
             have, want = teacher.numel(m), self.flat.numel(m)
             if have != want:
+                fix = "mmdd prepare" if self.heads else "mmdd experts"
                 raise ValueError(f"expert trajectories in {self.experts.directory} have {have} {m} parameters but the "
-                                 f"task's student has {want}: rerun `mmdd experts` for this student config "
+                                 f"task's student has {want}: rerun `{fix}` for this student config "
                                  f"(tower {self.task.student.tower!r}, text_dim {self.task.student.text_dim})")
         return teacher
 

@@ -6,6 +6,7 @@ engine's device, so the typical working set (epochs in [min_start, max_start + E
 from disk once when it fits.
 
 * :class:`RawTeacher` — the expert trajectories themselves.
+* :class:`HeadExpertTeacher` — the prepared head-only experts of the ``heads`` student (RepBlend).
 * :class:`ShortcutTeacher` — PTM-ST shortcut trajectories (``shortcut(start, end)``), from the compact files of
   ``mmdd prepare`` (the harness passes their directory), else computed in memory from the raw experts.
 """
@@ -181,40 +182,13 @@ class ShortcutTeacher(Teacher):
                 "experts": len(self.trajectories), "config_hash": self.config_hash}
 
 
-class MemoryTeacher(Teacher):
-    """Trajectories held in memory (the head-only experts of ``student = heads``, :mod:`.heads`)."""
+class HeadExpertTeacher(RawTeacher):
+    """The head-only experts of ``student = heads`` (:mod:`.heads`), prepared by ``mmdd prepare``."""
 
     kind = "head-experts"
 
-    def __init__(self, trajectories: list[dict[str, list[torch.Tensor]]], record: dict[str, Any],
-                 cache_mb: int = 512):
-        super().__init__(cache_mb)
-        if not trajectories:
-            raise ValueError("a head-expert teacher needs at least one trajectory")
-        self.trajectories = trajectories
-        self.record = record
-        self._last = min(len(t[m]) for t in trajectories for m in TOWERS) - 1
-
-    def __len__(self) -> int:
-        return len(self.trajectories)
-
-    @property
-    def first_epoch(self) -> int:
-        return 0
-
-    @property
-    def last_epoch(self) -> int:
-        return self._last
-
-    def _read(self, k, tower, epoch, device):
-        return self.trajectories[k][tower][epoch].to(device)
-
-    @property
-    def bytes_read(self) -> int:
-        return 0  # nothing is read from disk
-
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "experts": len(self), "epochs": [0, self._last], **self.record}
+        return dict(super().describe(), kind=self.kind, encoder=self.experts.meta.get("encoder"))
 
 
 def make_teacher(spec: TeacherSpec, experts: ExpertCollection, shortcut_dir: str | Path | None = None,
