@@ -3,8 +3,8 @@
 For one (dataset, method), the requirements of every budget in the grid are collected from the method's own
 resolved params; each one other than the shared experts is built by the artifact kind registered for it into
 ``data/prepared/<ds>/<method>/<requirement id>/``. A ``manifest.json`` records what was built from which experts
-(and, when a kind reads the training pairs, from which training data), so ``distill`` can refuse artifacts of
-another expert set or dataset. Builders get the training pairs only when their kind declares ``needs_train_data``,
+(whose digest includes the training data's identity), so ``distill`` can refuse artifacts of another expert set or
+dataset. Builders get the training pairs only when their kind declares ``needs_train_data``,
 and then only the train split (loaded lazily: a builder whose files are current never loads it).
 """
 
@@ -45,13 +45,6 @@ def build_context(ctx: StageContext, ds: str, kind: ArtifactKind, out_dir: Path)
                         train_id=ctx.data_id(ds) if wants else None)
 
 
-def train_data_id(ctx: StageContext, ds: str, reqs: list[Requirement]) -> str | None:
-    """Identity of the training data when any of ``reqs`` is built from it (None otherwise)."""
-    if any(get_artifact_kind(r.kind).needs_train_data for r in reqs):
-        return ctx.data_id(ds)
-    return None
-
-
 def prepare(ctx: StageContext, ds: str, method: str) -> dict[str, Any]:
     """Build the method's prepared artifacts on ``ds``; returns the manifest."""
     reqs = prepared_kinds(method_requirements(ctx, ds, method))
@@ -68,15 +61,14 @@ def prepare(ctx: StageContext, ds: str, method: str) -> dict[str, Any]:
     for stale in root.iterdir():
         if stale.name not in keep:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    manifest = {"dataset": ds, "method": method, "experts": experts, "data": train_data_id(ctx, ds, reqs),
-                "artifacts": built}
+    manifest = {"dataset": ds, "method": method, "experts": experts, "artifacts": built}
     write_json(root / MANIFEST, manifest)
     return manifest
 
 
 def check_prepared(ctx: StageContext, ds: str, method: str, reqs: list[Requirement]) -> Path | None:
-    """The method's prepared root, verified to hold ``reqs`` built from the current experts (and training data, for
-    kinds that read it); None if nothing is prepared for it."""
+    """The method's prepared root, verified to hold ``reqs`` built from the current experts and training data (None
+    if nothing is prepared for it)."""
     reqs = prepared_kinds(reqs)
     if not reqs:
         return None
@@ -88,16 +80,8 @@ def check_prepared(ctx: StageContext, ds: str, method: str, reqs: list[Requireme
     manifest = read_json(path)
     have = {a["id"] for a in manifest.get("artifacts", [])}
     missing = [r.id for r in reqs if r.id not in have]
-    data = train_data_id(ctx, ds, reqs)
-    if missing:
-        why = f"missing {missing}"
-    elif manifest.get("experts") != experts_digest(ctx, ds):
-        why = "built from another expert set"
-    elif data is not None and manifest.get("data") != data:
-        why = "built from other training data"
-    else:
-        why = None
-    if why:
+    if missing or manifest.get("experts") != experts_digest(ctx, ds):
+        why = f"missing {missing}" if missing else "built from another expert set or training data"
         raise ValueError(f"prepared artifacts in {root} do not fit ({why}): rerun "
                          f"`mmdd prepare --method {method} --dataset {ds}`")
     return root
