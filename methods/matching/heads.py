@@ -156,8 +156,8 @@ class HeadFeatures:
         return int(self.texts.shape[0])
 
 
-def train_head_expert(k: int, data: HeadFeatures, student: StudentConfig, spec: HeadExpertSpec,
-                      device: torch.device, bar: Progress | None = None) -> tuple[dict[str, list[torch.Tensor]], FlatStudent]:
+def train_head_expert(k: int, data: HeadFeatures, student: StudentConfig, spec: HeadExpertSpec, device: torch.device,
+                      bar: Progress | None = None) -> tuple[dict[str, list[torch.Tensor]], FlatStudent]:
     """Head-only expert ``k`` (float32, on the CPU): θ per tower at init and after epochs 1..``spec.epochs``. Each
     expert has its own seeds, so any subset can be (re)trained alone. The recipe has no schedule over the epochs, so
     fewer epochs give exactly the first epochs of a longer run."""
