@@ -3,14 +3,20 @@
 DVC re-runs a stage when one of its deps changes, so each stage lists the project files its code imports,
 transitively — lazy (function-level) imports included, since a stage runs them. Modules outside the project
 (torch, an installed third-party package) are not listed: the pinned environment covers them.
+
+:func:`code_digest` hashes the same files, so a stage's own content key changes whenever DVC would rerun it for
+its code: a stage that DVC reruns after a code change recomputes, instead of finding its old output "up to date".
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def module_path(name: str, root: Path) -> Path | None:
@@ -71,3 +77,20 @@ def class_module_file(module: str, root: Path) -> Path | None:
         return None
     origin = Path(spec.origin).resolve()
     return origin if origin.is_relative_to(root.resolve()) else None
+
+
+def code_digest(modules: tuple[str, ...], root: Path | None = None) -> str:
+    """sha256 of the source a stage runs: the project files reached from ``modules`` (as DVC lists them), plus the
+    file of any module outside the project (an installed method's module), by path and content."""
+    root = Path(root or PROJECT_ROOT)
+    files = list(closure(list(modules), root))
+    for name in modules:
+        if module_path(name, root) is None:
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin and Path(spec.origin).is_file():
+                files.append(Path(spec.origin).resolve())
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
