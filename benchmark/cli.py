@@ -238,6 +238,21 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_cross_arch(args) -> int:
+    from benchmark.stages.cross_arch import cross_arch, cross_methods
+
+    ctx = _context(args)
+    wanted = cross_methods(ctx.cfg)
+    for cell in _cells(ctx, args):
+        if args.method is None and cell.method not in wanted:
+            continue
+        res = cross_arch(ctx, cell, force=args.force)
+        for tower, r in res["towers"].items():
+            s = r["protocols"]["strict"]["r_mean"]
+            log.info("%s on %s: r_mean %.2f ± %.2f", cell, tower, s["mean"], s["std"])
+    return 0
+
+
 def cmd_report(args) -> int:
     from benchmark.stages.report import report
 
@@ -375,6 +390,13 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--seed", type=argtypes.seed, action="append", default=None,
                    help="tuning seed, outside grid.seeds (repeatable) [1000]")
     p.set_defaults(func=cmd_tune)
+    p = _add(sub, "cross-arch", "evaluate distilled sets on students with other image towers (cross_arch.towers)",
+             "Train cross_arch.students fresh students per tower of cross_arch.towers on each cell's distilled set "
+             "and test them (strict protocol); writes cross_arch.json per cell "
+             "(docs/protocols.md#cross-architecture-evaluation).")
+    _common(p)
+    _cell_args(p)
+    p.set_defaults(func=cmd_cross_arch)
     p = _add(sub, "bench", "bring every stage of dvc.yaml up to date, in order (recorded with DVC)",
              "Run the stale stages of dvc.yaml through the local executor of `mmdd sweep`.")
     p.add_argument("-j", "--jobs", type=argtypes.positive_int, default=1, help="stages at a time [1]")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.cross_arch import CrossArchConfig, check_cross_arch
 from benchmark.evaluation import EvalConfig
 from benchmark.experts.train import ExpertConfig
 from benchmark.models.student import StudentConfig
@@ -139,6 +140,7 @@ class BenchConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     methods: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    cross_arch: CrossArchConfig = field(default_factory=CrossArchConfig)  # docs/protocols.md#cross-architecture-evaluation
     # limits of a method run in a container (benchmark.runners.spec.SandboxLimits fields); none change a result
     sandbox: dict[str, Any] = field(default_factory=dict)
     # torch intra-op threads of every stage process: results are bitwise only for a fixed count (0: torch's default)
@@ -227,7 +229,7 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
 _SUBSECTIONS = {(DataConfig, "shapes"): ShapesConfig}
 _SECTIONS = {"data": DataConfig, "student": StudentConfig, "experts": ExpertConfig, "eval": EvalConfig,
              "full_data": FullDataConfig, "grid": GridConfig, "tracking": TrackingConfig,
-             "report": ReportConfig}
+             "report": ReportConfig, "cross_arch": CrossArchConfig}
 PARAMS_FILE = "params.yaml"
 
 
@@ -318,6 +320,7 @@ def config_from_dict(doc: dict[str, Any]) -> BenchConfig:
 
     for m in sections["grid"].methods:
         get_method(m)  # unknown names fail here, naming the registered choices
+    check_cross_arch(sections["cross_arch"], sections["student"].tower, sections["grid"].methods)
     from benchmark.encoders.text import text_encoder_dim
 
     encoder = doc.get("text_encoder", "minilm")

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("strict", "paper")
 COMPATS = ("none", "lors", "ptm", "mtt")
 METRIC_KEYS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean")
+PAPER_TIES = "reference"  # the paper protocol ranks ties as the reference code does (docs/protocols.md#tie-order)
 
 
 @dataclass
@@ -74,10 +75,12 @@ class SplitData:
     txt2img: torch.Tensor
 
 
-def score(model: DualEncoder, split: SplitData, device: str | torch.device) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on ``split`` (cosine scores; the logit scale does not change rankings)."""
+def score(model: DualEncoder, split: SplitData, device: str | torch.device,
+          ties: str = "pessimistic") -> dict[str, float]:
+    """Retrieval metrics of ``model`` on ``split`` (cosine scores; the logit scale does not change rankings);
+    ``ties``: the tie rule of :func:`benchmark.metrics.retrieval_metrics`."""
     e_img, e_txt = encode(model, split.images, split.texts, device)
-    return retrieval_metrics(e_img @ e_txt.T, split.txt2img)
+    return retrieval_metrics(e_img @ e_txt.T, split.txt2img, ties)
 
 
 BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -186,7 +189,7 @@ def evaluate_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig
 
     ``strict``: the final model (``select="final"``) or the val-best checkpoint of the last phase
     (``select="val"``), tested once. ``paper``: the best test r_mean over evaluations every ``eval_every`` epochs of
-    every phase. Each result carries the (phase, epoch) it came from (epoch -1 = end of training).
+    every phase, ties ranked in the reference code's order. Each result carries the (phase, epoch) it came from (epoch -1 = end of training).
     """
     if "strict" in cfg.protocols and cfg.select == "val" and val is None:
         raise ValueError("eval.select='val' needs the val split's features: run `mmdd embed` for val")
@@ -200,7 +203,7 @@ def evaluate_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig
 
     def on_eval(phase: int, epoch: int) -> None:
         if "paper" in cfg.protocols:
-            keep("paper", score(model, test, device), (phase, epoch))
+            keep("paper", score(model, test, device, PAPER_TIES), (phase, epoch))
         if "strict" in cfg.protocols and cfg.select == "val" and phase == last:
             keep("val", dict(score(model, val, device), weights=freeze_copy(model)), (phase, epoch))
 

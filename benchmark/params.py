@@ -71,7 +71,8 @@ def config_to_doc(cfg: BenchConfig) -> dict[str, Any]:
             "text_encoder": cfg.text_encoder, "data": asdict(cfg.data), "student": student,
             "experts": asdict(cfg.experts), "eval": asdict(cfg.eval), "full_data": asdict(cfg.full_data),
             "tracking": asdict(cfg.tracking), "report": asdict(cfg.report), "grid": asdict(cfg.grid),
-            "threads": cfg.threads, "sandbox": cfg.sandbox, "methods": cfg.methods}
+            "threads": cfg.threads, "sandbox": cfg.sandbox, "cross_arch": asdict(cfg.cross_arch),
+            "methods": cfg.methods}
 
 
 def write_params(preset: str, out: str | Path = "params.yaml", overrides: list[str] | None = None,

@@ -20,7 +20,11 @@ import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from benchmark.interface import TrainData
+    from benchmark.models.student import StudentConfig
 
 log = logging.getLogger(__name__)
 ARTIFACT_GROUP = "mmdd.artifacts"
@@ -58,18 +62,42 @@ def _slug(value: Any) -> str:
 
 @dataclass
 class BuildContext:
-    """What an artifact builder receives: where the experts are and where to write."""
+    """What an artifact builder receives.
+
+    ``experts_dir``: the dataset's experts; ``out_dir``: where to write; ``student``: the task's student config;
+    ``device``: where to compute. Kinds with ``needs_train_data`` also get ``load_train`` — the TRAINING pairs,
+    loaded on first :meth:`train_pairs` call (a builder whose files are current never loads them) — and
+    ``train_id``, the identity of that data. Nothing here reaches the val or test split."""
 
     experts_dir: Path
     out_dir: Path
     progress: bool = True
+    student: StudentConfig | None = None
+    device: str = "cpu"
+    load_train: Callable[[], TrainData] | None = None
+    train_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _train: TrainData | None = field(default=None, init=False, repr=False)
+
+    def train_pairs(self) -> TrainData:
+        """The training pairs (loaded once, on first use); an error names the fix when the kind did not ask."""
+        if self.load_train is None:
+            raise RuntimeError(f"the builder of {self.out_dir.name} reads the training pairs, but its ArtifactKind "
+                               "does not declare them: set `needs_train_data = True` on the class")
+        if self._train is None:
+            self._train = self.load_train()
+        return self._train
 
 
 class ArtifactKind:
-    """Base class of a preparable artifact kind. Subclasses set ``kind`` and implement :meth:`build`."""
+    """Base class of a preparable artifact kind. Subclasses set ``kind`` and implement :meth:`build`.
+
+    ``needs_train_data = True``: the builder reads the training pairs (:meth:`BuildContext.train_pairs`); the
+    harness then passes them, records their identity in the prepared manifest, and makes ``data/raw/<ds>`` and
+    ``data/features/<ds>`` deps of ``prepare-<method>`` so that editing the data rebuilds the artifact."""
 
     kind: ClassVar[str] = ""
+    needs_train_data: ClassVar[bool] = False
 
     def build(self, requirement: Requirement, ctx: BuildContext) -> dict[str, Any]:  # pragma: no cover - interface
         """Build the artifact into ``ctx.out_dir`` (idempotent); return a JSON-able summary (sizes, files)."""

@@ -36,6 +36,7 @@ from benchmark.io import read_json, write_json, write_tensors
 FORMAT_VERSION = 2  # 2: per-tensor sha256 in the header, file and header sha256 in the sidecar
 DIGESTS_KEY = "tensor_sha256"
 _CHUNK = 1 << 20
+_READ_BYTES = [0]  # tensor bytes read through read_checked in this process (a cost measurement, never hashed)
 _VERIFIED: set[tuple[Any, ...]] = set()  # (file identity, tensor key) pairs whose hash this process has checked
 
 
@@ -180,6 +181,12 @@ def _identity(path: Path) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def bytes_read_total() -> int:
+    """Tensor bytes read through :func:`read_checked` by this process so far (experts, shortcuts, head experts):
+    the distill stage's ``expert_bytes_read`` is its difference over a method's run."""
+    return _READ_BYTES[0]
+
+
 def read_checked(path: Path, key: str, digests: dict[str, str], device: str | torch.device, what: str,
                  command: str) -> torch.Tensor:
     """Tensor ``key`` of ``path``; on its first read in this process (per file version) its bytes are hashed and
@@ -187,9 +194,12 @@ def read_checked(path: Path, key: str, digests: dict[str, str], device: str | to
     ident = (_identity(path), key)
     if ident in _VERIFIED:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return f.get_tensor(key)
+            t = f.get_tensor(key)
+        _READ_BYTES[0] += t.numel() * t.element_size()
+        return t
     with safe_open(str(path), framework="pt") as f:
         t = f.get_tensor(key)
+    _READ_BYTES[0] += t.numel() * t.element_size()
     if digests.get(key) != tensor_sha256(t):
         raise ValueError(f"{what} file {path} is corrupt: tensor {key!r} does not match the sha256 recorded when it "
                          f"was written; rerun `{command}`, which rewrites it")

@@ -77,7 +77,7 @@ def build_image_tower(config: dict[str, Any] | str, pretrained: bool | None = No
         use_pt = cfg.get("pretrained", False) if pretrained is None else pretrained
         try:
             net = timm.create_model(cfg["model_name"], pretrained=bool(use_pt), num_classes=0,
-                                    global_pool=cfg.get("global_pool", "avg"))
+                                    global_pool=cfg.get("global_pool", "avg"), **cfg.get("model_kwargs", {}))
         except Exception as exc:  # hub unreachable, missing weights
             raise RuntimeError(
                 f"could not build timm model {cfg['model_name']!r} (pretrained={use_pt}): {exc}. "
@@ -92,4 +92,9 @@ def build_image_tower(config: dict[str, Any] | str, pretrained: bool | None = No
         visual = model.visual
         out_dim = int(getattr(visual, "output_dim"))
         return Tower(visual, out_dim, cfg["image_size"])
-    raise ValueError(f"tower config field 'kind' must be convnet, timm or open_clip, got {kind!r}")
+    if kind == "projection":  # over precomputed image features (the frozen-encoder "heads" student)
+        from benchmark.models.projection import ProjectionHead
+
+        head = ProjectionHead(cfg["in_dim"], cfg["in_dim"], cfg.get("dropout", 0.1))
+        return Tower(head, cfg["in_dim"], cfg.get("image_size", 0))
+    raise ValueError(f"tower config field 'kind' must be convnet, timm, open_clip or projection, got {kind!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from benchmark.config import BenchConfig, GridConfig, budget_key
 from benchmark.distilled import DistilledSet
+from benchmark.experts.store import bytes_read_total
 from benchmark.interface import Checkpointer, DistillTask, JsonlLogger
 from benchmark.io import read_json, write_json
 from benchmark.registry import get_method
@@ -90,9 +92,12 @@ def run_method(ctx: StageContext, cell: Cell, work_dir: Path) -> DistilledSet:
     impl, task = make_task(ctx, cell, work_dir)
     (work_dir / "distill_log.jsonl").touch()  # every cell has a (possibly empty) log: DVC declares it
     torch.manual_seed(cell.seed)
-    t0 = time.perf_counter()
+    t0, cpu0, read0 = time.perf_counter(), time.process_time(), bytes_read_total()
     dset = impl.distill(task)
-    dset.meta.setdefault("volatile", {})["seconds"] = time.perf_counter() - t0
+    dset.meta.setdefault("volatile", {}).update(  # docs/reproducibility.md#cost-measurements
+        seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0,
+        expert_bytes_read=bytes_read_total() - read0,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     dset.save(work_dir / "distilled")
     task.checkpoint.clear()
     return dset

@@ -16,15 +16,17 @@ from typing import Any
 import yaml
 
 from benchmark.config import BenchConfig
+from benchmark.models.towers import load_tower_config
 from benchmark.registry import get_method
 from benchmark.requirements import EXPERTS, get_artifact_kind, prepared_kinds
 from benchmark.stages.code_deps import class_module_file, closure
 
 # Stage order (each stage depends only on earlier ones).
-STAGES = ("fetch", "embed", "experts", "prepare", "distill", "evaluate", "full-data", "report")
+STAGES = ("fetch", "embed", "experts", "prepare", "distill", "evaluate", "cross-arch", "full-data", "report")
 STAGE_MODULES = {"fetch": "benchmark.stages.fetch", "embed": "benchmark.stages.embed",
                  "experts": "benchmark.stages.experts", "prepare": "benchmark.stages.prepare",
                  "distill": "benchmark.stages.distill", "evaluate": "benchmark.stages.evaluate",
+                 "cross-arch": "benchmark.stages.cross_arch",
                  "full-data": "benchmark.stages.full_data", "report": "benchmark.stages.report"}
 CELL = "results/cells/${preset}/${item.dataset}/${item.method}/b${item.budget}/s${item.seed}"
 HEADER = """\
@@ -87,10 +89,13 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         if not kinds:
             continue
         builders = sorted({type(get_artifact_kind(r.kind)).__module__ for r in kinds})
+        data, params = [], [f"methods.{m}.${{item}}"]
+        if any(get_artifact_kind(r.kind).needs_train_data for r in kinds):  # built from the training pairs
+            data, params = ["data/raw/${item}", "data/features/${item}", tower], student_params + params
         stages[f"prepare-{m}"] = {"foreach": "${datasets}", "do": {
             "cmd": " ".join(cli + ["prepare", "--method", m, "--dataset", "${item}"]),
-            "deps": ["data/experts/${item}", *stage_code("prepare", root, builders)],
-            "params": [f"methods.{m}.${{item}}"], "outs": [f"data/prepared/${{item}}/{m}"]}}
+            "deps": [*data, "data/experts/${item}", *stage_code("prepare", root, builders)],
+            "params": params, "outs": [f"data/prepared/${{item}}/{m}"]}}
     for m in cfg.grid.methods:
         reqs = method_requirements(cfg, m)
         deps = ["data/raw/${item.dataset}", "data/features/${item.dataset}", tower]
@@ -115,6 +120,7 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
                  f"{CELL}/distilled.json", f"{CELL}/distill_log.jsonl", *stage_code("evaluate", root)],
         "params": ["eval", "student", "text_encoder", "data.norm", "threads"],
         "outs": [f"{CELL}/metrics.json", f"{CELL}/artifacts"]}
+    stages.update(cross_arch_stage(cfg, root, cli, tower))
     stages["full-data"] = {"foreach": "${datasets}", "do": {
         "cmd": " ".join(cli + ["full-data", "--dataset", "${item}"]),
         "deps": ["data/raw/${item}", "data/features/${item}", "data/experts/${item}", tower,
@@ -133,6 +139,28 @@ def render(cfg: BenchConfig, root: Path) -> dict[str, Any]:
         "metrics": [{"results/metrics/${preset}.json": {"cache": False}}],
         "plots": [{"results/plots/${preset}": {"cache": False}}]}
     return {"vars": ["params.yaml"], "stages": stages}
+
+
+def cross_arch_stage(cfg: BenchConfig, root: Path, cli: list[str], tower: str) -> dict[str, Any]:
+    """The ``cross-arch`` stage (one per evaluated cell) when the configuration lists towers; else nothing."""
+    from benchmark.cross_arch import HEADS
+    from benchmark.stages.cross_arch import cross_towers, heads_from_experts
+
+    towers = cross_towers(cfg)
+    if not towers:
+        return {}
+    deps = ["data/raw/${item.dataset}", "data/features/${item.dataset}", tower,
+            *[f"benchmark/models/configs/{t}.json" for t in towers if t != HEADS]]
+    if HEADS in towers and heads_from_experts(load_tower_config(cfg.student.tower)):
+        deps.append("data/experts/${item.dataset}")
+    methods = "${cross_arch.methods}" if cfg.cross_arch.methods else "${grid.methods}"
+    return {"cross-arch": {
+        "matrix": {"dataset": "${datasets}", "method": methods, "budget": "${grid.budgets}", "seed": "${grid.seeds}"},
+        "cmd": " ".join(cli + ["cross-arch", "--method", "${item.method}", "--dataset", "${item.dataset}",
+                               "--budget", "${item.budget}", "--seed", "${item.seed}"]),
+        "deps": deps + [f"{CELL}/distilled.safetensors", f"{CELL}/distilled.json", *stage_code("cross-arch", root)],
+        "params": ["cross_arch", "eval", "student", "text_encoder", "data.norm", "threads"],
+        "outs": [f"{CELL}/cross_arch.json"]}}
 
 
 def write_dvc_yaml(cfg: BenchConfig, root: Path, out: Path) -> Path:

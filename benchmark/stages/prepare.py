@@ -2,8 +2,10 @@
 
 For one (dataset, method), the requirements of every budget in the grid are collected from the method's own
 resolved params; each one other than the shared experts is built by the artifact kind registered for it into
-``data/prepared/<ds>/<method>/<requirement id>/``. A ``manifest.json`` records what was built from which experts,
-so ``distill`` can refuse artifacts of another expert set.
+``data/prepared/<ds>/<method>/<requirement id>/``. A ``manifest.json`` records what was built from which experts
+(whose digest includes the training data's identity), so ``distill`` can refuse artifacts of another expert set or
+dataset. Builders get the training pairs only when their kind declares ``needs_train_data``,
+and then only the train split (loaded lazily: a builder whose files are current never loads it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from benchmark.io import read_json, write_json
 from benchmark.registry import get_method
-from benchmark.requirements import BuildContext, Requirement, get_artifact_kind, prepared_kinds
+from benchmark.requirements import ArtifactKind, BuildContext, Requirement, get_artifact_kind, prepared_kinds
 from benchmark.stages.context import StageContext
 from benchmark.stages.experts import experts_digest
 
@@ -34,6 +36,15 @@ def method_requirements(ctx: StageContext, ds: str, method: str) -> list[Require
     return out
 
 
+def build_context(ctx: StageContext, ds: str, kind: ArtifactKind, out_dir: Path) -> BuildContext:
+    """What a builder of ``kind`` may read on ``ds``: the experts, the student config, the device and — only when
+    the kind declares ``needs_train_data`` — a lazy loader of the TRAINING pairs and their identity."""
+    wants = kind.needs_train_data
+    return BuildContext(ctx.experts_dir(ds), out_dir, ctx.progress, student=ctx.student, device=str(ctx.device),
+                        load_train=(lambda: ctx.train_data(ds)) if wants else None,
+                        train_id=ctx.data_id(ds) if wants else None)
+
+
 def prepare(ctx: StageContext, ds: str, method: str) -> dict[str, Any]:
     """Build the method's prepared artifacts on ``ds``; returns the manifest."""
     reqs = prepared_kinds(method_requirements(ctx, ds, method))
@@ -42,8 +53,8 @@ def prepare(ctx: StageContext, ds: str, method: str) -> dict[str, Any]:
     experts = experts_digest(ctx, ds) if reqs else None
     built = []
     for req in reqs:
-        summary = get_artifact_kind(req.kind).build(req, BuildContext(ctx.experts_dir(ds), root / req.id,
-                                                                      ctx.progress))
+        kind = get_artifact_kind(req.kind)
+        summary = kind.build(req, build_context(ctx, ds, kind, root / req.id))
         log.info("%s/%s: prepared %s", ds, method, req.id)
         built.append({**req.to_json(), "summary": summary})
     keep = {r.id for r in reqs} | {MANIFEST}
@@ -56,8 +67,8 @@ def prepare(ctx: StageContext, ds: str, method: str) -> dict[str, Any]:
 
 
 def check_prepared(ctx: StageContext, ds: str, method: str, reqs: list[Requirement]) -> Path | None:
-    """The method's prepared root, verified to hold ``reqs`` built from the current experts (None if nothing is
-    prepared for it)."""
+    """The method's prepared root, verified to hold ``reqs`` built from the current experts and training data (None
+    if nothing is prepared for it)."""
     reqs = prepared_kinds(reqs)
     if not reqs:
         return None
@@ -70,7 +81,7 @@ def check_prepared(ctx: StageContext, ds: str, method: str, reqs: list[Requireme
     have = {a["id"] for a in manifest.get("artifacts", [])}
     missing = [r.id for r in reqs if r.id not in have]
     if missing or manifest.get("experts") != experts_digest(ctx, ds):
-        why = f"missing {missing}" if missing else "built from another expert set"
+        why = f"missing {missing}" if missing else "built from another expert set or training data"
         raise ValueError(f"prepared artifacts in {root} do not fit ({why}): rerun "
                          f"`mmdd prepare --method {method} --dataset {ds}`")
     return root

@@ -51,6 +51,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
         rendered[ds] = rp.dataset_markdown(rep, published)
         summary[ds] = rp.summary_metrics(rep.rows + rep.references + rep.study_rows)
         plots = _figures(ctx, rep, runs, styles, plots_dir)
+        rendered[ds] += _cross_arch(ctx, ds, runs, styles, plots_dir, plots) + _cost(ctx, ds, runs)
         sections.append(rp.DatasetSection(ds, rendered[ds], plots, _grids(ctx, ds, plots_dir / "grids")))
     write_json(layout.results_root / "metrics" / f"{cfg.preset}.json", summary)
     write_json(layout.results_root / "environment" / f"{cfg.preset}.json",
@@ -60,6 +61,48 @@ def report(ctx: StageContext) -> dict[str, Any]:
     _write_text(layout.results_root / f"{cfg.preset}.md", page)
     _write_text(layout.results_root / "README.md", rp.results_index(layout.results_root))
     return rendered
+
+
+def _cross_arch(ctx: StageContext, ds: str, runs: list[CellRun], styles: dict[str, MethodStyle], plots_dir: Path,
+                plots: list[Path]) -> str:
+    """The cross-architecture table's files and figure (appended to ``plots``); its markdown section, or ''."""
+    from benchmark import report_cross_arch as xa
+    from benchmark.stages.cross_arch import cross_towers
+
+    paths = [ctx.cell_dir(r.cell) / "cross_arch.json" for r in runs]
+    t = xa.collect(ds, ctx.cfg.student.tower, [r.metrics for r in runs],
+                   [read_json(p) for p in paths if p.exists()], ctx.cfg.grid.methods, cross_towers(ctx.cfg))
+    if t is None:
+        return ""
+    xa.write_tables(t, ctx.layout.tables(ctx.cfg.preset))
+    plots.append(xa.figure(t, styles, plots_dir / f"{ds}_cross_arch.png",
+                           f"{ds}, {ctx.cfg.preset} preset: cross-architecture mean recall, 95% t interval over seeds"))
+    links = ", ".join(f"[{name}](tables/{ctx.cfg.preset}/{ds}_cross_arch.{ext})"
+                      for name, ext in (("markdown", "md"), ("CSV", "csv"), ("LaTeX", "tex")))
+    return f"\n\n### Cross-architecture\n\n{rp.to_markdown(xa.table(t, rp.MD))}\n\nTables: {links}"
+
+
+def _cost(ctx: StageContext, ds: str, runs: list[CellRun]) -> str:
+    """Write the cost table to ``results/cost/<preset>/<ds>.{md,csv}`` (machine measurements: not a declared
+    output, docs/reproducibility.md#cost-measurements); returns the page's link to it."""
+    from benchmark import report_cost as rc
+    from benchmark.registry import get_method
+    from benchmark.requirements import EXPERTS
+
+    g, preset = ctx.cfg.grid, ctx.cfg.preset
+    experts = rc.dir_bytes(ctx.experts_dir(ds))
+    rows = []
+    for m in g.methods:
+        cells = [r for r in runs if r.cell.method == m]
+        vols = [read_json(p) for r in cells if (p := ctx.cell_dir(r.cell) / "distill.volatile.json").exists()]
+        reads = any(q.kind == EXPERTS for b in g.budgets
+                    for q in get_method(m).requirements(ctx.cfg.cell_params(m, ds, b), b))
+        rows.append(rc.cost_row(m, vols, [r.metrics["bytes"] for r in cells if r.metrics.get("bytes") is not None],
+                                experts if reads else None, rc.dir_bytes(ctx.prepared_dir(ds, m))))
+    machine = rc.machine_label(environment_record(ctx.layout.results_root.parent))
+    rc.write_cost(ctx.layout.results_root / "cost" / preset, ds, rows, machine)
+    return (f"\n\nDistillation cost per method (wall and CPU seconds, peak memory, storage; machine measurements "
+            f"kept outside DVC's hashes): [cost/{preset}/{ds}.md](cost/{preset}/{ds}.md)")
 
 
 def _write_text(path: Path, text: str) -> None:

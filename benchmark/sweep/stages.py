@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 # mmdd subcommands that do heavy tensor work: on a GPU cluster each of their tasks gets a GPU.
-GPU_COMMANDS = frozenset({"embed", "experts", "distill", "evaluate", "full-data"})
+GPU_COMMANDS = frozenset({"embed", "experts", "distill", "evaluate", "cross-arch", "full-data"})
 
 
 class SweepError(RuntimeError):

@@ -1,10 +1,12 @@
-"""Shared trajectory-matching engine (docs/methods.md#engine): MTT-VL, TESLA-VL, LoRS and PTM-ST are configurations
-of it.
+"""Shared trajectory-matching engine (docs/methods.md#engine): MTT-VL, TESLA-VL, LoRS, PTM-ST and RepBlend are
+configurations of it.
 
 * :mod:`.config` — typed, validated options (:class:`EngineConfig` from a flat params dict).
 * :mod:`.engine` — the inner loops (``full`` graph/adjoint, ``tesla``), their gradients, and the outer loop.
 * :mod:`.similarity` — ``none | full | lowrank`` learned target similarity with per-batch gather/scatter.
-* :mod:`.teacher` — raw or shortcut teachers reading only the two epochs an iteration needs.
+* :mod:`.teacher` — raw or shortcut teachers reading only the two epochs an iteration needs (and in-memory ones).
+* :mod:`.heads` — the frozen-encoder + two-heads student (``student = heads``) and its head-only experts.
+* :mod:`.blend` — representation blending (``blend_alpha``): one mixing matrix per inner step.
 * :mod:`.shortcut` — shortcut trajectories: build, compact store, reader.
 * :mod:`.artifacts` — the ``shortcut`` artifact kind the harness prepares for a method that asks for it.
 """

@@ -34,6 +34,17 @@ Key ↔ dataclass map (every key is optional here; the registered methods ship c
                        same dropout masks) or ``off`` (student in eval mode, no dropout).
 ``dtype``              ``float32`` or ``float64`` (tests).  ``teacher_cache_mb``: RAM/VRAM cache for expert epochs.
 ``bug_compat``         :class:`BugCompat` flags (all off by default).
+``student``            ``full`` (the task's student: trainable image tower + text head) or ``heads`` (a FROZEN
+                       image encoder, then an image ProjectionHead d→d; only the two heads are θ, matched against
+                       head-only expert trajectories the engine trains in memory, :mod:`.heads`).
+``frozen_encoder``     ``heads``: ``expert`` (the image tower of harness expert ``encoder_expert`` at its last
+                       epoch) or ``pretrained`` (the task's tower config with its published weights, e.g. NFNet-L0).
+``encoder_grad``       ``heads``: ``accumulate`` (features under no_grad, ∂J/∂U summed over all steps, then one
+                       encoder backward per sample used) or ``per_step`` (a VJP through the encoder in every step).
+``head_experts``       ``heads``: {count, epochs, lr_img, lr_txt, batch_size, seed} of the head-only experts.
+``blend_alpha``        α_b of representation blending (``heads`` only): per inner step λ ~ Beta(α_b, α_b) and one
+                       permutation π; features and synthetic texts are mixed by M = λI + (1−λ)P, the target
+                       similarity is not. α_b ≤ 0: off (λ ≡ 1, nothing drawn).
 ``checkpoint_every``   k: the harness's Checkpointer saves every k outer iterations (0: never); not an engine field.
 =====================  =========================================================================================
 """
@@ -54,6 +65,9 @@ FULL_IMPLS = ("graph", "adjoint")
 NORMALIZE = ("separate", "merged")
 DROPOUT = ("replay", "off")
 DTYPES = ("float32", "float64")
+STUDENTS = ("full", "heads")
+FROZEN_ENCODERS = ("expert", "pretrained")
+ENCODER_GRADS = ("accumulate", "per_step")
 
 
 class ConfigError(ValueError):
@@ -218,6 +232,64 @@ class EngineParams:
     checkpoint_every: int = 0  # read by the harness (its Checkpointer), not by the engine
 
 
+@dataclass(frozen=True)
+class HeadExpertSpec:
+    """Head-only expert trajectories (``student = heads``): ``count`` experts of ``epochs`` epochs, SGD on the two
+    heads over the frozen-encoder features of the training pairs, symmetric CE (as the harness's experts)."""
+
+    count: int = 8
+    epochs: int = 10
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+    batch_size: int = 128
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> "HeadExpertSpec":
+        if isinstance(value, HeadExpertSpec):
+            return value
+        if not isinstance(value, dict):
+            raise _fail("head_experts", f"must be a mapping, got {value!r}", "pass e.g. {count: 8, epochs: 10}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(value) - known)
+        if bad:
+            raise _fail("head_experts", f"unknown field(s) {bad}", f"fields are {sorted(known)}")
+        out = cls(**value)
+        for name in ("count", "epochs", "batch_size"):
+            v = getattr(out, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _fail(f"head_experts.{name}", f"{v!r} is not a positive integer", "give e.g. 8")
+        for name in ("lr_img", "lr_txt"):
+            v = getattr(out, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise _fail(f"head_experts.{name}", f"{v!r} is not a positive number", "give e.g. 0.1")
+        return out
+
+
+@dataclass(frozen=True)
+class RepresentationSpec:
+    """The frozen-encoder student and representation blending (docs/methods.md#repblend)."""
+
+    student: str = "full"
+    frozen_encoder: str = "expert"
+    encoder_expert: int = 0
+    encoder_grad: str = "accumulate"
+    head_experts: HeadExpertSpec = field(default_factory=HeadExpertSpec)
+    blend_alpha: float = 0.0
+
+    @property
+    def blending(self) -> bool:
+        return self.blend_alpha > 0
+
+
+# Options of the frozen-encoder student and of blending, kept out of ENGINE_DEFAULTS so the params (and records)
+# of the methods that do not use them are unchanged; a method that does lists them in its own defaults.
+REPRESENTATION_DEFAULTS: dict[str, Any] = {
+    "student": "full", "frozen_encoder": "expert", "encoder_expert": 0, "encoder_grad": "accumulate",
+    "head_experts": dataclasses.asdict(HeadExpertSpec()), "blend_alpha": 0.0,
+}
+
+
 def engine_defaults() -> dict[str, Any]:
     """:class:`EngineParams` as a plain dict (lists, not tuples: the form params.yaml holds)."""
     out = dataclasses.asdict(EngineParams())
@@ -259,6 +331,7 @@ class EngineConfig:
     dtype: str
     teacher_cache_mb: int
     bug_compat: BugCompat
+    representation: RepresentationSpec = field(default_factory=RepresentationSpec)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -267,6 +340,7 @@ class EngineConfig:
 
         Keys that are not engine options are ignored here (a method may carry its own extras)."""
         p = engine_defaults()
+        p.update(REPRESENTATION_DEFAULTS)
         p.update(params)
         compat = BugCompat.parse(p["bug_compat"])
 
@@ -321,7 +395,11 @@ class EngineConfig:
         if cfg.lr_min >= min(cfg.lr_init_img, cfg.lr_init_txt):
             raise _fail("lr_min", f"{cfg.lr_min} is not below the initial inner learning rates",
                         "lower lr_min (it only keeps η positive)")
+        cfg = dataclasses.replace(cfg, representation=_parse_representation(p, cfg, choice, num))
         phases = _parse_phases(p, cfg, budget)
+        if cfg.representation.student == "heads" and any(ph.teacher.kind != "raw" for ph in phases):
+            raise _fail("teacher", "the 'heads' student matches head-only experts, which have no shortcut files",
+                        "use teacher: raw with student: heads")
         return dataclasses.replace(cfg, phases=phases)
 
     # ------------------------------------------------------------------ views
@@ -330,12 +408,28 @@ class EngineConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "representation" and v == RepresentationSpec():
+                continue  # the methods without it keep their records (and checkpoint fingerprints) unchanged
             if f.name == "phases":
                 v = [ph.to_json() for ph in v]
             elif dataclasses.is_dataclass(v):
                 v = dataclasses.asdict(v)
             out[f.name] = v
         return out
+
+
+def _parse_representation(p: dict[str, Any], cfg: EngineConfig, choice, num) -> RepresentationSpec:
+    rep = RepresentationSpec(
+        student=choice("student", STUDENTS), frozen_encoder=choice("frozen_encoder", FROZEN_ENCODERS),
+        encoder_expert=num("encoder_expert", 0, integer=True), encoder_grad=choice("encoder_grad", ENCODER_GRADS),
+        head_experts=HeadExpertSpec.parse(p["head_experts"]), blend_alpha=num("blend_alpha"))
+    if rep.blending and rep.student != "heads":
+        raise _fail("blend_alpha", f"{rep.blend_alpha} blends pre-projection features, which only the 'heads' "
+                    "student has", "set student: heads, or blend_alpha: 0")
+    if rep.student == "heads" and cfg.unroll != "tesla":
+        raise _fail("student", "the 'heads' student is implemented for unroll=tesla only",
+                    "set unroll: tesla (RepBlend's inner loop)")
+    return rep
 
 
 def _parse_phases(p: dict[str, Any], cfg: EngineConfig, budget: int) -> tuple[PhaseSpec, ...]:

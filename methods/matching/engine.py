@@ -22,6 +22,13 @@ constants, G^m = Σ_i g_i^m(θ̄_i, Z_i), and J = Σ_m w_m ‖θ_0^m − η_m G^
 Batch gradients are computed with respect to batch-sized leaf copies and scatter-added into full-size buffers
 (rows B_i of X, T, a, L, R; block [B_i, B_i] of a full S).
 
+``student = heads`` (RepBlend, docs/methods.md#repblend): θ = the two projection heads over a frozen image encoder
+f_enc. With ``encoder_grad = accumulate`` the batch leaves of the image side are the features U = f_enc(X) (computed
+once per iteration under no_grad); ∂J/∂U is scatter-added into an N × d buffer and turned into ∂J/∂X by one encoder
+backward per sample used. ``blend_alpha > 0`` mixes U_B and T_B by the step's M = λI + (1−λ)P inside ℓ_i (never
+S_B); the plan stores (λ, π) so both passes replay them. The teacher is the head-only experts that ``mmdd prepare``
+built once per dataset (``head-experts`` artifact), read lazily from the task's prepared directory.
+
 Dropout (``inner_dropout``): ``replay`` runs the student in train mode and seeds each inner step's RNG from the
 iteration plan, so the recompute pass sees exactly the forward pass's masks; ``off`` runs it in eval mode. The
 published TESLA behaviour (fresh masks in the recompute) is ``bug_compat.dropout_resample``.
@@ -72,10 +79,12 @@ from benchmark.losses import get_loss
 from benchmark.models.student import FlatStudent
 from benchmark.progress import Progress
 from benchmark.seeding import derive_seed
-from methods.matching.artifacts import shortcut_requirement
+from methods.matching.artifacts import head_experts_requirement, shortcut_requirement, trained_head_spec
+from methods.matching.blend import Blend, draw_blend
 from methods.matching.config import EngineConfig, PhaseSpec
+from methods.matching.heads import ENCODE_CHUNK, build_heads_student, open_head_experts
 from methods.matching.similarity import Similarity, make_similarity
-from methods.matching.teacher import Teacher, make_teacher
+from methods.matching.teacher import HeadExpertTeacher, Teacher, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +123,7 @@ class StepPlan:
     start: int
     batches: list[torch.Tensor]
     seeds: list[int]
+    blends: list[Blend] | None = None  # representation blending: (λ, π) per step, replayed by both passes
 
 
 @dataclass
@@ -159,10 +169,18 @@ def accurate_dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.T
 class Matcher:
     """Computes one iteration's gradients for a fixed student (built once, reused every iteration)."""
 
-    def __init__(self, flat: FlatStudent, cfg: EngineConfig, device: torch.device | str):
+    def __init__(self, flat: FlatStudent, cfg: EngineConfig, device: torch.device | str,
+                 encoder: torch.nn.Module | None = None):
         self.flat = flat
         self.cfg = cfg
         self.device = torch.device(device)
+        self.encoder = encoder  # student = heads: the frozen image encoder in front of θ^img = h_img
+        self.accumulate = encoder is not None and cfg.representation.encoder_grad == "accumulate"
+        self._feats: torch.Tensor | None = None  # this iteration's encoder features (accumulate)
+        if encoder is not None:
+            encoder.eval()
+            for p in encoder.parameters():
+                p.requires_grad_(False)
         self.loss_fn = get_loss(cfg.loss)
         tau = cfg.bug_compat.inner_temperature or (1.0 / flat.logit_scale)
         self.scale = math.log(1.0 / tau) if cfg.bug_compat.mtt_logit_scale else 1.0 / tau
@@ -178,14 +196,20 @@ class Matcher:
         return replay_rng(seed, self.device)
 
     def inner_loss(self, th_img: torch.Tensor, th_txt: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                   s: torch.Tensor | None) -> torch.Tensor:
+                   s: torch.Tensor | None, blend: Blend | None = None) -> torch.Tensor:
+        """ℓ(θ) on one batch. With the ``heads`` student, ``x`` are encoder features (``accumulate``) or images
+        that go through the frozen encoder here (``per_step``); ``blend`` mixes features and texts, never ``s``."""
+        if self.encoder is not None and not self.accumulate:
+            x = self.encoder(x)
+        if blend is not None:
+            x, t = blend.apply(x), blend.apply(t)
         e_img = self.flat.embed_images(x, th_img)
         e_txt = self.flat.embed_texts(t, th_txt)
         return self.loss_fn(self.scale * e_img @ e_txt.T, s)
 
-    @staticmethod
-    def _batch(syn: SynState, idx: torch.Tensor, requires_grad: bool):
-        x = syn.images[idx].requires_grad_(requires_grad)
+    def _batch(self, syn: SynState, idx: torch.Tensor, requires_grad: bool):
+        source = self._feats if self.accumulate else syn.images
+        x = source[idx].requires_grad_(requires_grad)
         t = syn.texts[idx].requires_grad_(requires_grad)
         sim = syn.sim.gather(idx, requires_grad)
         return x, t, sim
@@ -196,15 +220,17 @@ class Matcher:
             return {m: 1.0 / tot for m in TOWERS}
         return {m: 1.0 / d[m] for m in TOWERS}
 
-    @staticmethod
-    def _zero_grads(syn: SynState) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros_like(v) for k, v in syn.tensors().items()}
+    def _zero_grads(self, syn: SynState) -> dict[str, torch.Tensor]:
+        grads = {k: torch.zeros_like(v) for k, v in syn.tensors().items()}
+        if self.accumulate:  # ∂J/∂U, N × d, turned into ∂J/∂X by one encoder backward (:meth:`_features_to_images`)
+            grads["features"] = torch.zeros_like(self._feats)
+        return grads
 
     @staticmethod
     def _scatter(grads, syn: SynState, idx, x, t, sim, dz: tuple) -> None:
         gx, gt, *gs = dz
         if gx is not None:
-            grads["images"].index_add_(0, idx, gx)
+            grads["features" if "features" in grads else "images"].index_add_(0, idx, gx)
         if gt is not None:
             grads["texts"].index_add_(0, idx, gt)
         syn.sim.scatter_(grads, idx, dict(zip(sim.keys(), gs)))
@@ -216,12 +242,12 @@ class Matcher:
         th = {m: th0[m] for m in TOWERS}
         thetas, kept = [], []
         G = {m: torch.zeros_like(th0[m]) for m in TOWERS}
-        for idx, seed in zip(plan.batches, plan.seeds):
+        for i, (idx, seed) in enumerate(zip(plan.batches, plan.seeds)):
             ti = th["img"].detach().requires_grad_(True)
             tt = th["txt"].detach().requires_grad_(True)
             x, t, sim = self._batch(syn, idx, requires_grad=keep)
             with self._rng(seed):
-                loss = self.inner_loss(ti, tt, x, t, syn.sim.batch_matrix(sim))
+                loss = self.inner_loss(ti, tt, x, t, syn.sim.batch_matrix(sim), self._blend(plan, i))
             gi, gt = torch.autograd.grad(loss, (ti, tt), create_graph=keep)
             thetas.append(th)
             kept.append((gi, gt, ti, tt, x, t, sim) if keep else None)
@@ -241,7 +267,7 @@ class Matcher:
         tt = thetas[i]["txt"].detach().requires_grad_(True)
         x, t, sim = self._batch(syn, plan.batches[i], requires_grad=True)
         with self._rng(plan.seeds[i], replay):
-            loss = self.inner_loss(ti, tt, x, t, syn.sim.batch_matrix(sim))
+            loss = self.inner_loss(ti, tt, x, t, syn.sim.batch_matrix(sim), self._blend(plan, i))
         gi, gt = torch.autograd.grad(loss, (ti, tt), create_graph=True)
         return gi, gt, ti, tt, x, t, sim
 
@@ -251,11 +277,48 @@ class Matcher:
         """Gradients of this iteration's objective (see the module docstring) for the given plan."""
         if any(b.device != self.device for b in plan.batches):
             plan = dataclasses.replace(plan, batches=[b.to(self.device) for b in plan.batches])
+        if self.accumulate:
+            self._feats = self._features(syn, plan)
         if self.cfg.unroll == "tesla":
-            return self.tesla(syn, th0, th1, plan)
-        if self.cfg.full_impl == "adjoint":
-            return self.full_adjoint(syn, th0, th1, plan)
-        return self.full_graph(syn, th0, th1, plan)
+            res = self.tesla(syn, th0, th1, plan)
+        elif self.cfg.full_impl == "adjoint":
+            res = self.full_adjoint(syn, th0, th1, plan)
+        else:
+            res = self.full_graph(syn, th0, th1, plan)
+        if self.accumulate:
+            self._features_to_images(res.grads, syn, plan)
+            self._feats = None
+        return res
+
+    # -------------------------------------------------------------------------------------------- heads student
+    @staticmethod
+    def _blend(plan: StepPlan, i: int) -> Blend | None:
+        return None if plan.blends is None else plan.blends[i]
+
+    @staticmethod
+    def _used(plan: StepPlan) -> torch.Tensor:
+        return torch.unique(torch.cat(plan.batches))
+
+    def _features(self, syn: SynState, plan: StepPlan) -> torch.Tensor:
+        """U = f_enc(X) of every sample this iteration uses, under no_grad (X and f_enc are fixed within it);
+        rows of unused samples stay 0 and are never read."""
+        used = self._used(plan)
+        with torch.no_grad():
+            chunks = [self.encoder(syn.images[used[s:s + ENCODE_CHUNK]]) for s in range(0, used.numel(), ENCODE_CHUNK)]
+        feats = chunks[0].new_zeros(syn.images.shape[0], chunks[0].shape[1])
+        feats[used] = torch.cat(chunks)
+        return feats
+
+    def _features_to_images(self, grads: dict[str, torch.Tensor], syn: SynState, plan: StepPlan) -> None:
+        """∂J/∂X = (∂U/∂X)ᵀ ∂J/∂U with ∂J/∂U summed over all steps: ONE encoder backward per sample used (first
+        order through the frozen encoder, whose weights get no gradient)."""
+        gu = grads.pop("features")
+        used = self._used(plan)
+        for s in range(0, used.numel(), ENCODE_CHUNK):
+            rows = used[s:s + ENCODE_CHUNK]
+            x = syn.images[rows].detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(self.encoder(x), x, gu[rows])
+            grads["images"].index_add_(0, rows, gx)
 
     @staticmethod
     def _sqdist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
@@ -323,10 +386,10 @@ class Matcher:
         eta_t = syn.lr.detach().clone().requires_grad_(True)
         th = {m: th0[m].detach().requires_grad_(True) for m in TOWERS}
         leaves = []
-        for idx, seed in zip(plan.batches, plan.seeds):
+        for i, (idx, seed) in enumerate(zip(plan.batches, plan.seeds)):
             x, t, sim = self._batch(syn, idx, requires_grad=True)
             with self._rng(seed):
-                loss = self.inner_loss(th["img"], th["txt"], x, t, syn.sim.batch_matrix(sim))
+                loss = self.inner_loss(th["img"], th["txt"], x, t, syn.sim.batch_matrix(sim), self._blend(plan, i))
             gi, gt = torch.autograd.grad(loss, (th["img"], th["txt"]), create_graph=True)
             th = {"img": th["img"] - eta_t[0] * gi, "txt": th["txt"] - eta_t[1] * gt}
             leaves.append((idx, x, t, sim))
@@ -355,8 +418,9 @@ class PlanSampler:
     exhausted), start epochs, inner batches (consecutive slices of a permutation; leftovers skipped), dropout seeds."""
 
     def __init__(self, gen: torch.Generator, n_pairs: int, batch: int, n_experts: int, window: tuple[int, int],
-                 steps: int):
+                 steps: int, blend_alpha: float = 0.0):
         self.gen, self.n, self.b, self.k, self.window, self.steps = gen, n_pairs, batch, n_experts, window, steps
+        self.blend_alpha = float(blend_alpha)
         self.batch_perm = torch.empty(0, dtype=torch.long)
         self.batch_pos = 0
         self.expert_perm = torch.empty(0, dtype=torch.long)
@@ -379,7 +443,10 @@ class PlanSampler:
         start = int(torch.randint(self.window[0], self.window[1], (1,), generator=self.gen))
         batches = [self._next_batch() for _ in range(self.steps)]
         seeds = [int(s) for s in torch.randint(0, 2**62, (self.steps,), generator=self.gen)]
-        return StepPlan(k, start, batches, seeds)
+        blends = None  # α_b ≤ 0: nothing is drawn, so the other streams are those of an engine without blending
+        if self.blend_alpha > 0:
+            blends = [draw_blend(self.gen, int(b.numel()), self.blend_alpha) for b in batches]
+        return StepPlan(k, start, batches, seeds, blends)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         return ({"gen": self.gen.get_state(), "batch_perm": self.batch_perm, "expert_perm": self.expert_perm},
@@ -507,11 +574,19 @@ class MatchingEngine:
         self.callbacks = list(callbacks)
         self.device = torch.device(task.device)
         self.dtype = DTYPES[cfg.dtype]
-        experts = task.require_experts(method)
-        self.experts = experts
-        model = task.make_student(seed=derive_seed(task.seed, method, "student")).to(self.dtype)
+        self.heads = cfg.representation.student == "heads"
+        encoder = None
+        if self.heads:
+            heads = build_heads_student(task, cfg.representation, method, derive_seed(task.seed, method, "student"))
+            self.experts = open_head_experts(task.prepared_dir(head_experts_requirement(cfg)), trained_head_spec(cfg),
+                                             heads.source, method)
+            encoder = heads.encoder.to(self.device, self.dtype)
+            model = heads.model.to(self.device, self.dtype)
+        else:
+            self.experts = task.require_experts(method)
+            model = task.make_student(seed=derive_seed(task.seed, method, "student")).to(self.dtype)
         self.flat = FlatStudent(model)
-        self.matcher = Matcher(self.flat, cfg, self.device)
+        self.matcher = Matcher(self.flat, cfg, self.device, encoder)
         self.image_size = int(getattr(model, "image_size", 0))
         self._layer_numels = {m: list(self.flat.numels[m]) for m in TOWERS}
         self.stats: dict[str, Any] = {"sec_per_iter": [], "peak_mem_mb": [], "teacher_io_s": 0.0}
@@ -526,16 +601,20 @@ class MatchingEngine:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _teacher(self, k: int, spec: PhaseSpec) -> Teacher:
-        root = None
-        if spec.teacher.kind == "shortcut":
-            root = self.task.prepared_dir(shortcut_requirement(spec.teacher))
-        teacher = make_teacher(spec.teacher, self.experts, root, self.cfg.teacher_cache_mb, self._layer_numels)
+        if self.heads:
+            teacher: Teacher = HeadExpertTeacher(self.experts, self.cfg.teacher_cache_mb)
+        else:
+            root = None
+            if spec.teacher.kind == "shortcut":
+                root = self.task.prepared_dir(shortcut_requirement(spec.teacher))
+            teacher = make_teacher(spec.teacher, self.experts, root, self.cfg.teacher_cache_mb, self._layer_numels)
         teacher.check_window(spec.min_start, spec.max_start, self.cfg.expert_epochs, f"phases[{k}]")
         for m in TOWERS:
             have, want = teacher.numel(m), self.flat.numel(m)
             if have != want:
+                fix = "mmdd prepare" if self.heads else "mmdd experts"
                 raise ValueError(f"expert trajectories in {self.experts.directory} have {have} {m} parameters but the "
-                                 f"task's student has {want}: rerun `mmdd experts` for this student config "
+                                 f"task's student has {want}: rerun `{fix}` for this student config "
                                  f"(tower {self.task.student.tower!r}, text_dim {self.task.student.text_dim})")
         return teacher
 
@@ -660,7 +739,8 @@ class MatchingEngine:
         gen = torch.Generator().manual_seed(derive_seed(task.seed, self.method, "phase", k))
         syn, init_idx = self._init_phase(k, spec, gen)
         batch = cfg.batch_size or spec.pairs
-        sampler = PlanSampler(gen, spec.pairs, batch, len(teacher), (spec.min_start, spec.max_start), cfg.syn_steps)
+        sampler = PlanSampler(gen, spec.pairs, batch, len(teacher), (spec.min_start, spec.max_start), cfg.syn_steps,
+                              cfg.representation.blend_alpha)
         opt = self._optimizer(syn)
         ema = EMA(spec.ema_decay, syn.tensors())
         start_it = 0

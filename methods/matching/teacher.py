@@ -6,6 +6,7 @@ engine's device, so the typical working set (epochs in [min_start, max_start + E
 from disk once when it fits.
 
 * :class:`RawTeacher` — the expert trajectories themselves.
+* :class:`HeadExpertTeacher` — the prepared head-only experts of the ``heads`` student (RepBlend).
 * :class:`ShortcutTeacher` — PTM-ST shortcut trajectories (``shortcut(start, end)``), from the compact files of
   ``mmdd prepare`` (the harness passes their directory), else computed in memory from the raw experts.
 """
@@ -179,6 +180,15 @@ class ShortcutTeacher(Teacher):
         source = self.source if self.source.startswith("in-memory") else Path(self.source).name
         return {"kind": "shortcut", "start": self.start, "end": self.end, "source": source,
                 "experts": len(self.trajectories), "config_hash": self.config_hash}
+
+
+class HeadExpertTeacher(RawTeacher):
+    """The head-only experts of ``student = heads`` (:mod:`.heads`), prepared by ``mmdd prepare``."""
+
+    kind = "head-experts"
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), kind=self.kind, encoder=self.experts.meta.get("encoder"))
 
 
 def make_teacher(spec: TeacherSpec, experts: ExpertCollection, shortcut_dir: str | Path | None = None,
