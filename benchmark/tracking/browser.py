@@ -23,15 +23,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 URL_LINE = re.compile(r"(?P<exp>\S+): (?P<what>ranking table|method comparison \(charts\)|every seed run, grouped by "
-                      r"method) (?P<url>http://\S+)")
+                      r"method|cross-architecture recall \(charts\)) (?P<url>http://\S+)")
 VIEW_NAMES = {"ranking table": "runs_table", "method comparison (charts)": "compare_charts",
-              "every seed run, grouped by method": "seed_runs"}
+              "every seed run, grouped by method": "seed_runs", "cross-architecture recall (charts)": "cross_arch"}
+CHART_VIEWS = ("compare_charts", "cross_arch")
 
 
 @dataclass
 class View:
     experiment: str
-    name: str  # runs_table, compare_charts, seed_runs
+    name: str  # runs_table, compare_charts, seed_runs, cross_arch
     url: str
     text: str = ""
     screenshot: Path | None = None
@@ -105,7 +106,7 @@ def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2
                     button = page.locator(f"button[aria-label='{label}']")
                     if button.count() == 1 and button.is_visible():
                         button.click()
-                if view.name == "compare_charts":
+                if view.name in CHART_VIEWS:
                     page.locator("canvas, svg.main-svg").first.wait_for(timeout=timeout_ms)
                 time.sleep(settle_s)  # charts animate in
                 view.text = page.inner_text("body")
