@@ -90,8 +90,9 @@ class UiServer:
 
 
 def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2.0,
-            timeout_ms: float = 60_000) -> list[View]:
-    """Open each view, wait until its runs are drawn, keep its visible text and write ``<out_dir>/<name>.png``."""
+            timeout_ms: float = 60_000, prefix: str = "") -> list[View]:
+    """Open each view, wait until its runs are drawn, keep its visible text and write
+    ``<out_dir>/<prefix><name>.png``."""
     from playwright.sync_api import sync_playwright
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2
                     page.locator("canvas, svg.main-svg").first.wait_for(timeout=timeout_ms)
                 time.sleep(settle_s)  # charts animate in
                 view.text = page.inner_text("body")
-                view.screenshot = out_dir / f"{view.name}.png"
+                view.screenshot = out_dir / f"{prefix}{view.name}.png"
                 page.screenshot(path=str(view.screenshot))
         finally:
             browser.close()
@@ -119,7 +120,7 @@ def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/images", help="where the PNGs go [docs/images]")
+    ap.add_argument("--out", default="docs/images", help="where the PNGs (mlflow_<view>.png) go [docs/images]")
     ap.add_argument("--project", default=".", help="the project whose store `mmdd ui` opens [.]")
     ap.add_argument("--chromium", default=None, help="Chromium executable [$MMDD_CHROMIUM or chromium on PATH]")
     args = ap.parse_args(argv)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("the store has no benchmark experiment: run `mmdd bench` or `mmdd record` first")
             return 1
         first = [v for v in server.views if v.experiment == server.views[0].experiment]
-        for view in capture(first, Path(args.out), chromium):
+        for view in capture(first, Path(args.out), chromium, prefix="mlflow_"):
             log.info("%s: %s", view.name, view.screenshot)
     return 0
 
