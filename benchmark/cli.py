@@ -242,6 +242,7 @@ def cmd_cross_arch(args) -> int:
     from benchmark.stages.cross_arch import cross_arch, cross_methods
 
     ctx = _context(args)
+    rec = _recorder(ctx)
     wanted = cross_methods(ctx.cfg)
     for cell in _cells(ctx, args):
         if args.method is None and cell.method not in wanted:
@@ -250,6 +251,8 @@ def cmd_cross_arch(args) -> int:
         for tower, r in res["towers"].items():
             s = r["protocols"]["strict"]["r_mean"]
             log.info("%s on %s: r_mean %.2f ± %.2f", cell, tower, s["mean"], s["std"])
+        if rec is not None:
+            rec.cross_arched(cell)
     return 0
 
 

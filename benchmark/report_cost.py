@@ -1,7 +1,7 @@
-"""The cost table (docs/reproducibility.md#cost-measurements): per method, what distilling one cell cost on this
-machine — wall and CPU seconds, peak memory, expert storage read — beside the set's size and the storage the
-method's inputs occupy (experts: shared by every method that reads them, stated once; prepared artifacts: the
-method's own).
+"""The cost table (docs/reproducibility.md#cost-measurements): per method and budget, what distilling one cell cost
+on this machine — wall and CPU seconds, peak memory, expert storage read, each the mean over the grid seeds ± the 95 %
+t half-width — beside the set's size and the storage the method's inputs occupy (experts: shared by every method
+that reads them, stated once; prepared artifacts: the method's own).
 
 Measured numbers are not functions of the inputs, so this table is written to ``results/cost/<preset>/`` (git- and
 DVC-ignored), never to a stage's declared outputs, and labelled with the machine that measured it.
@@ -17,17 +17,21 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from benchmark.report import MD, Table, fmt_bytes, to_csv, to_markdown
+from benchmark.stats import t_interval
 
 MEASURED = ("seconds", "cpu_seconds", "peak_rss_mb", "expert_bytes_read")
 
 
 @dataclass
 class CostRow:
-    """One method's costs: the mean over its measured cells of each of :data:`MEASURED` (None: not measured)."""
+    """One (method, budget)'s costs: the mean over its measured cells (seeds) of each of :data:`MEASURED` (None: not
+    measured) and the 95 % t half-width (None: fewer than two measured cells)."""
 
     method: str
+    budget: int
     cells: int
     measured: dict[str, float | None]
+    half_width: dict[str, float | None]
     set_bytes: int | None
     experts_bytes: int | None  # the shared experts directory, when the method reads experts
     prepared_bytes: int | None  # the method's own prepared directory
@@ -40,14 +44,16 @@ def dir_bytes(path: Path) -> int | None:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def cost_row(method: str, volatiles: Sequence[dict[str, Any]], set_bytes: Iterable[int],
+def cost_row(method: str, budget: int, volatiles: Sequence[dict[str, Any]], set_bytes: Iterable[int],
              experts_bytes: int | None, prepared_bytes: int | None) -> CostRow:
-    measured = {}
+    measured, half = {}, {}
     for key in MEASURED:
         vals = [float(v[key]) for v in volatiles if v.get(key) is not None]
         measured[key] = statistics.fmean(vals) if vals else None
+        half[key] = t_interval(vals).half_width if len(vals) > 1 else None
     sizes = list(set_bytes)
-    return CostRow(method, len(volatiles), measured, max(sizes) if sizes else None, experts_bytes, prepared_bytes)
+    return CostRow(method, budget, len(volatiles), measured, half, max(sizes) if sizes else None, experts_bytes,
+                   prepared_bytes)
 
 
 def machine_label(environment: dict[str, Any]) -> str:
@@ -63,30 +69,45 @@ def machine_label(environment: dict[str, Any]) -> str:
             f"({environment.get('torch_cpu_capability')}, {environment.get('torch_threads')} threads)")
 
 
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 1, half: float | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
+def _bytes(x: float | None, half: float | None) -> str:
+    if x is None:
+        return "-"
+    return fmt_bytes(int(x)) + ("" if half is None else f" ± {fmt_bytes(int(round(half)))}")
 
 
 def cost_table(dataset: str, rows: Sequence[CostRow], machine: str) -> Table:
-    body = [[MD.esc(r.method), str(r.cells), _fmt(r.measured["seconds"]), _fmt(r.measured["cpu_seconds"]),
-             _fmt(r.measured["peak_rss_mb"], 0),
-             fmt_bytes(None if r.measured["expert_bytes_read"] is None else int(r.measured["expert_bytes_read"])),
+    def cell(r: CostRow, key: str, digits: int = 1) -> str:
+        return _fmt(r.measured[key], digits, r.half_width[key])
+
+    body = [[MD.esc(r.method), str(r.budget), str(r.cells), cell(r, "seconds"), cell(r, "cpu_seconds"),
+             cell(r, "peak_rss_mb", 0), _bytes(r.measured["expert_bytes_read"], r.half_width["expert_bytes_read"]),
              fmt_bytes(r.set_bytes), "shared" if r.experts_bytes is not None else "-", fmt_bytes(r.prepared_bytes)]
             for r in rows]
     shared = next((r.experts_bytes for r in rows if r.experts_bytes is not None), None)
-    caption = (f"Distillation cost per cell on {dataset} (mean over the method's cells), measured on {machine}: "
-               "wall and CPU seconds of the method's run, the process's peak resident memory, expert storage read "
-               "(experts, shortcuts, head experts), the synthetic set's bytes, and storage written for its inputs")
+    caption = (f"Distillation cost per cell on {dataset}, measured on {machine}: wall and CPU seconds of the "
+               "method's run, the process's peak resident memory, expert storage read (experts, shortcuts, head "
+               "experts), each the mean over the cells (seeds) ± the 95 % t half-width; the synthetic set's bytes, "
+               "and storage written for its inputs")
     notes = [f"Experts (written once per dataset, read by every method marked shared): {fmt_bytes(shared)}."
              if shared is not None else "No method reads the experts.",
              "Machine measurements: not a pure function of the inputs, so outside every DVC-hashed output "
              "(docs/reproducibility.md#cost-measurements)."]
-    return Table(["method", "cells", "wall s", "CPU s", "peak RSS MB", "experts read", "set bytes", "experts",
-                  "prepared"], "lrrrrrrcr", body, caption, f"tab:{dataset}-cost", notes)
+    return Table(["method", "budget", "cells", "wall s", "CPU s", "peak RSS MB", "experts read", "set bytes",
+                  "experts", "prepared"], "lrrrrrrrcr", body, caption, f"tab:{dataset}-cost", notes)
 
 
 def cost_records(rows: Sequence[CostRow]) -> list[dict[str, Any]]:
-    return [{"method": r.method, "cells": r.cells, **{k: "" if v is None else f"{v:.6g}" for k, v in r.measured.items()},
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:.6g}"
+
+    return [{"method": r.method, "budget": r.budget, "cells": r.cells,
+             **{k: num(v) for k, v in r.measured.items()}, **{f"{k}_ci95": num(v) for k, v in r.half_width.items()},
              "set_bytes": "" if r.set_bytes is None else r.set_bytes,
              "experts_bytes_shared": "" if r.experts_bytes is None else r.experts_bytes,
              "prepared_bytes": "" if r.prepared_bytes is None else r.prepared_bytes} for r in rows]

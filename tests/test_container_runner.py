@@ -119,6 +119,29 @@ def test_method_runs_in_container_and_the_harness_evaluates_it(tiny_project, ima
     assert r_means and all(0.0 <= r <= 100.0 for r in r_means)
 
 
+def test_repblend_runs_in_container_with_its_prepared_head_experts(tiny_project, image, tmp_path):
+    """RepBlend reads a prepared artifact built from the training data (head-only experts over a frozen encoder):
+    in the container it sees that artifact read-only and computes exactly what the in-process runner computes."""
+    from tests.helpers import stage_args
+
+    shutil.copytree(tiny_project[0] / "data", tmp_path / "data")
+    tiny_params(tmp_path, ["grid.methods=[repblend]", "grid.budgets=[10]", "grid.seeds=[0]"])
+    off = ["-S", "tracking.enabled=false"]
+    assert main(["prepare", *stage_args(tmp_path), *off, "--method", "repblend"]) == 0
+    prepared = tmp_path / "data" / "prepared"
+    before = _snapshot(prepared)
+    cell_args = ["--method", "repblend", "--budget", "10", "--seed", "0", *off]
+    docker_out, local_out = tmp_path / "docker", tmp_path / "local"
+    assert main(["distill", *stage_args(tmp_path, results=docker_out), *cell_args, "--runner", "docker"]) == 0
+    assert _snapshot(prepared) == before, "the container wrote into the prepared artifacts"
+    assert main(["distill", *stage_args(tmp_path, results=local_out), *cell_args]) == 0
+    cell = Path("cells/tiny/shapes/repblend/b10/s0")
+    assert read_json(docker_out / cell / "distill.volatile.json")["runner"] == "docker"
+    a, b = DistilledSet.load(docker_out / cell / "distilled"), DistilledSet.load(local_out / cell / "distilled")
+    assert a.meta["teacher"][0]["kind"] == "head-experts"
+    assert torch.equal(a.phases[0].images, b.phases[0].images) and torch.equal(a.phases[0].texts, b.phases[0].texts)
+
+
 def _items(doc):
     """Every (key, value) pair of a nested JSON document (the metrics layout may nest protocols)."""
     for key, value in doc.items():

@@ -4,6 +4,7 @@ and the expert bytes a method read in its volatile record only; the report's cos
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -54,15 +55,20 @@ def test_cost_table_is_written_outside_the_tracked_outputs(root: Path) -> None:
     from benchmark.params import resolve
     from benchmark.stages.graph import render
 
-    rows = [rc.cost_row("lors", [{"seconds": 2.0, "cpu_seconds": 3.0, "peak_rss_mb": 100.0,
-                                  "expert_bytes_read": 1000}, {"seconds": 4.0, "cpu_seconds": 5.0}],
+    rows = [rc.cost_row("lors", 100, [{"seconds": 2.0, "cpu_seconds": 3.0, "peak_rss_mb": 100.0,
+                                       "expert_bytes_read": 1000}, {"seconds": 4.0, "cpu_seconds": 5.0}],
                         [400, 400], 5000, None),
-            rc.cost_row("random", [], [], None, None)]
+            rc.cost_row("random", 100, [], [], None, None)]
     assert rows[0].measured == {"seconds": 3.0, "cpu_seconds": 4.0, "peak_rss_mb": 100.0, "expert_bytes_read": 1000.0}
+    # over two seeds: the 95 % t half-width is t(0.975, 1) * s / sqrt(2) = 12.706 * |2 - 4| / 2
+    assert rows[0].half_width["seconds"] == pytest.approx(12.7062047, rel=1e-6)
+    assert rows[0].half_width["peak_rss_mb"] is None  # one measured cell: no interval
     md, csv = rc.write_cost(root / "results" / "cost" / "tiny", "shapes", rows, "a test machine")
     text = md.read_text()
-    assert "a test machine" in text and "| lors" in text and "shared" in text and "5.00 kB" in text
-    assert csv.read_text().splitlines()[1].startswith("lors,2,3,4,100,1000,400,5000,")
+    assert "a test machine" in text and re.search(r"\| lors +\| +100 \| +2 \| +3\.0 ± 12\.7 \|", text)
+    assert "shared" in text
+    assert "5.00 kB" in text
+    assert csv.read_text().splitlines()[1].startswith("lors,100,2,3,4,100,1000,12.7062,12.7062,,,400,5000,")
     report = render(resolve("tiny"), Path(__file__).resolve().parents[1])["stages"]["report"]
     declared = json.dumps([report["outs"], report["metrics"], report["plots"]])
     assert "results/cost" not in declared and "results/tables" in declared  # never a declared (hashed) output

@@ -34,7 +34,8 @@ METHODS = ("random", "herding")
 
 @pytest.fixture(scope="module")
 def recorded(tiny_project, tmp_path_factory):
-    """A project whose store holds two methods x two seeds and the reference rows, recorded as `mmdd` runs them."""
+    """A project whose store holds two methods x two seeds (random's also across architectures) and the reference
+    rows, recorded as `mmdd` runs them."""
     root, _ = tiny_project
     project = tmp_path_factory.mktemp("ui")
     (project / ".git").mkdir()
@@ -44,6 +45,8 @@ def recorded(tiny_project, tmp_path_factory):
     for method in METHODS:
         for stage in ("distill", "evaluate"):
             assert main([stage, *args, "--method", method, "--budget", "10"]) == 0
+    assert main(["cross-arch", *args, "--method", "random", "--budget", "10",
+                 "-S", "cross_arch.towers=[convnet_w64_d4]"]) == 0
     assert main(["full-data", *args]) == 0
     return project
 
@@ -54,7 +57,7 @@ def test_landing_views_show_recall_columns_and_a_method_comparison(recorded):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     with UiServer(recorded, env=env) as server:
         views = {v.name: v for v in server.views if v.experiment == "mmdd/tiny/shapes"}
-        assert set(views) == {"runs_table", "compare_charts", "seed_runs"}, server.lines[-20:]
+        assert set(views) == {"runs_table", "compare_charts", "seed_runs", "cross_arch"}, server.lines[-20:]
         capture(list(views.values()), out, CHROMIUM)
     table = views["runs_table"].text
     # the ranking: a row per (method, budget) and per reference, with the strict recall and its interval
@@ -69,5 +72,8 @@ def test_landing_views_show_recall_columns_and_a_method_comparison(recorded):
     assert "random/b10" in charts and "herding/b10" in charts
     seeds = views["seed_runs"].text
     assert re.search(r"Group: random\s+2", seeds) and "random/b10/s1" in seeds and "4 matching runs" in seeds
+    cross = views["cross_arch"].text
+    assert "Cross-architecture mean recall over seeds" in cross and "convnet_w64_d4" in cross
+    assert "random/b10" in cross and "2 matching runs" in cross  # every table row, references left out
     for view in views.values():
         assert view.screenshot.stat().st_size > 10_000  # a rendered page, not a blank one

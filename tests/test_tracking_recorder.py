@@ -163,3 +163,40 @@ def test_two_processes_creating_one_row_converge_on_the_first(recorder):
     assert recorder.client.get_run(child.info.run_id).data.tags[L.PARENT_TAG] == rows[1].info.run_id
     assert recorder.client.get_run(rows[0].info.run_id).info.lifecycle_stage == "deleted"
     assert [r.info.run_id for r in recorder._find(exp, key)] == [rows[1].info.run_id]
+
+
+def test_cross_architecture_results_are_logged_per_tower_and_aggregated_on_the_row(tiny_project, tmp_path):
+    """``mmdd cross-arch`` logs ``cross_arch.<tower>.test.*`` on the seed run; the row aggregates them over seeds
+    (mean, t half-width, ``cross_arch.seeds``) and the experiment gets the ``mmdd-cross-arch`` chart view."""
+    from mlflow import MlflowClient
+
+    from benchmark.cli import main
+    from helpers import stage_args
+
+    root, _ = tiny_project
+    (tmp_path / "results").mkdir()
+    base = [*stage_args(root, results=tmp_path / "results"), "--method", "random", "--budget", "10",
+            "-S", "cross_arch.towers=[convnet_w64_d4]", "-S", "cross_arch.students=1"]
+    assert main(["distill", *base]) == 0 and main(["cross-arch", *base]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mmdd/tiny/shapes")
+    runs = client.search_runs([exp.experiment_id])
+    seeds = {r.data.tags["mmdd.seed"]: r for r in runs if r.data.tags.get("mmdd.level") == "seed"}
+    (row,) = [r for r in runs if r.data.tags.get("mmdd.level") == "aggregate"]
+    name = "cross_arch.convnet_w64_d4.test.strict.r_mean"
+    values = []
+    for seed, run in sorted(seeds.items()):
+        on_disk = json.loads((tmp_path / "results" / "cells" / "tiny" / "shapes" / "random" / "b10" / f"s{seed}"
+                              / "cross_arch.json").read_text())
+        expected = on_disk["towers"]["convnet_w64_d4"]["protocols"]["strict"]["r_mean"]["mean"]
+        assert run.data.metrics[name] == pytest.approx(expected)
+        values.append(expected)
+    assert len(values) == 2 and row.data.metrics["cross_arch.seeds"] == 2
+    assert row.data.metrics[name] == pytest.approx(sum(values) / 2, abs=1e-4)
+    assert row.data.metrics[f"{name}.ci95"] == pytest.approx(12.706205 * abs(values[0] - values[1]) / 2, abs=1e-3)
+    view = json.loads(exp.tags["mlflow.sharedViewState.mmdd-cross-arch"])
+    assert f"metrics.`{name}`" in view["selectedColumns"]
+    assert main(["record", *stage_args(root, results=tmp_path / "results"), "-S", "grid.methods=[random]",
+                 "-S", "grid.budgets=[10]", "-S", "cross_arch.towers=[convnet_w64_d4]"]) == 0
+    again = client.get_run(row.info.run_id).data.metrics
+    assert again[name] == row.data.metrics[name] and again["cross_arch.seeds"] == 2  # nothing logged twice

@@ -93,12 +93,13 @@ def _cost(ctx: StageContext, ds: str, runs: list[CellRun]) -> str:
     experts = rc.dir_bytes(ctx.experts_dir(ds))
     rows = []
     for m in g.methods:
-        cells = [r for r in runs if r.cell.method == m]
-        vols = [read_json(p) for r in cells if (p := ctx.cell_dir(r.cell) / "distill.volatile.json").exists()]
-        reads = any(q.kind == EXPERTS for b in g.budgets
-                    for q in get_method(m).requirements(ctx.cfg.cell_params(m, ds, b), b))
-        rows.append(rc.cost_row(m, vols, [r.metrics["bytes"] for r in cells if r.metrics.get("bytes") is not None],
-                                experts if reads else None, rc.dir_bytes(ctx.prepared_dir(ds, m))))
+        for b in g.budgets:
+            cells = [r for r in runs if r.cell.method == m and r.cell.budget == b]
+            vols = [read_json(p) for r in cells if (p := ctx.cell_dir(r.cell) / "distill.volatile.json").exists()]
+            reads = any(q.kind == EXPERTS for q in get_method(m).requirements(ctx.cfg.cell_params(m, ds, b), b))
+            sizes = [r.metrics["bytes"] for r in cells if r.metrics.get("bytes") is not None]
+            rows.append(rc.cost_row(m, b, vols, sizes, experts if reads else None,
+                                    rc.dir_bytes(ctx.prepared_dir(ds, m))))
     machine = rc.machine_label(environment_record(ctx.layout.results_root.parent))
     rc.write_cost(ctx.layout.results_root / "cost" / preset, ds, rows, machine)
     return (f"\n\nDistillation cost per method (wall and CPU seconds, peak memory, storage; machine measurements "

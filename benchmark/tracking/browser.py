@@ -23,15 +23,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 URL_LINE = re.compile(r"(?P<exp>\S+): (?P<what>ranking table|method comparison \(charts\)|every seed run, grouped by "
-                      r"method) (?P<url>http://\S+)")
+                      r"method|cross-architecture recall \(charts\)) (?P<url>http://\S+)")
 VIEW_NAMES = {"ranking table": "runs_table", "method comparison (charts)": "compare_charts",
-              "every seed run, grouped by method": "seed_runs"}
+              "every seed run, grouped by method": "seed_runs", "cross-architecture recall (charts)": "cross_arch"}
+CHART_VIEWS = ("compare_charts", "cross_arch")
 
 
 @dataclass
 class View:
     experiment: str
-    name: str  # runs_table, compare_charts, seed_runs
+    name: str  # runs_table, compare_charts, seed_runs, cross_arch
     url: str
     text: str = ""
     screenshot: Path | None = None
@@ -89,8 +90,9 @@ class UiServer:
 
 
 def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2.0,
-            timeout_ms: float = 60_000) -> list[View]:
-    """Open each view, wait until its runs are drawn, keep its visible text and write ``<out_dir>/<name>.png``."""
+            timeout_ms: float = 60_000, prefix: str = "") -> list[View]:
+    """Open each view, wait until its runs are drawn, keep its visible text and write
+    ``<out_dir>/<prefix><name>.png``."""
     from playwright.sync_api import sync_playwright
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,11 +107,11 @@ def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2
                     button = page.locator(f"button[aria-label='{label}']")
                     if button.count() == 1 and button.is_visible():
                         button.click()
-                if view.name == "compare_charts":
+                if view.name in CHART_VIEWS:
                     page.locator("canvas, svg.main-svg").first.wait_for(timeout=timeout_ms)
                 time.sleep(settle_s)  # charts animate in
                 view.text = page.inner_text("body")
-                view.screenshot = out_dir / f"{view.name}.png"
+                view.screenshot = out_dir / f"{prefix}{view.name}.png"
                 page.screenshot(path=str(view.screenshot))
         finally:
             browser.close()
@@ -118,7 +120,7 @@ def capture(views: list[View], out_dir: Path, chromium: str, settle_s: float = 2
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/images", help="where the PNGs go [docs/images]")
+    ap.add_argument("--out", default="docs/images", help="where the PNGs (mlflow_<view>.png) go [docs/images]")
     ap.add_argument("--project", default=".", help="the project whose store `mmdd ui` opens [.]")
     ap.add_argument("--chromium", default=None, help="Chromium executable [$MMDD_CHROMIUM or chromium on PATH]")
     args = ap.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("the store has no benchmark experiment: run `mmdd bench` or `mmdd record` first")
             return 1
         first = [v for v in server.views if v.experiment == server.views[0].experiment]
-        for view in capture(first, Path(args.out), chromium):
+        for view in capture(first, Path(args.out), chromium, prefix="mlflow_"):
             log.info("%s: %s", view.name, view.screenshot)
     return 0
 

@@ -7,6 +7,8 @@
   evaluation students and each student's value as a metric (``students.<name>``, step = student index).
 - A run per reference row (full data, the experts), with the spread over its students or experts.
 - Metric names say their protocol: ``test.strict.r_mean``, ``test.paper.r_mean``, ...
+- Cross-architecture students (``cross_arch.towers``) as ``cross_arch.<tower>.test.strict.r_mean``, ..., on the
+  seed run and aggregated over seeds on the row like ``test.*`` (the row's ``cross_arch.seeds`` counts them).
 
 Pure functions, no MLflow import: :mod:`benchmark.tracking.recorder` writes what this module describes.
 """
@@ -30,7 +32,9 @@ NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training pages, not GenAI
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow's shared views: an experiment tag the UI loads by key
 VIEW_KEY, COMPARE_VIEW_KEY, SEEDS_VIEW_KEY = "mmdd-ranking", "mmdd-compare", "mmdd-seeds"
+CROSS_VIEW_KEY = "mmdd-cross-arch"
 HEADLINE = "test.strict.r_mean"
+CROSS_ARCH = "cross_arch"
 # per-iteration log fields that are sampled indices, not measurements: recorded in the log file, not charted
 NOT_CHARTED = frozenset({"step", "expert", "start_epoch"})
 
@@ -95,15 +99,16 @@ def student_metrics(protocols: Mapping[str, Any]) -> list[tuple[str, float, int]
     return out
 
 
-def aggregate_metrics(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    """Parent metrics from each seed's ``test.*`` means: mean over seeds, ``.ci95`` (95 % t half-width; absent for
-    one seed) and ``.std`` over seeds, plus ``seeds``."""
-    out: dict[str, float] = {"seeds": float(len(per_seed))}
+def aggregate_metrics(per_seed: Mapping[int, Mapping[str, float]], prefix: str = "test.",
+                      count: str = "seeds") -> dict[str, float]:
+    """Parent metrics from each seed's ``<prefix>*`` means: mean over seeds, ``.ci95`` (95 % t half-width; absent for
+    one seed) and ``.std`` over seeds, plus the seed count as ``count``."""
+    out: dict[str, float] = {count: float(len(per_seed))}
     if not per_seed:
         return out
     names = sorted(set.intersection(*(set(m) for m in per_seed.values())))
     for name in names:
-        if name.endswith(".std") or not name.startswith("test."):
+        if name.endswith(".std") or not name.startswith(prefix):
             continue
         values = [per_seed[s][name] for s in sorted(per_seed)]
         iv = t_interval(values)
@@ -112,6 +117,13 @@ def aggregate_metrics(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, 
             out[f"{name}.ci95"] = iv.half_width
             out[f"{name}.std"] = statistics.stdev(values)
     return out
+
+
+def cross_arch_metrics(res: Mapping[str, Any]) -> dict[str, float]:
+    """A cross_arch.json's towers as ``cross_arch.<tower>.test.<protocol>.<metric>`` (mean over the tower's
+    students) and ``….std``."""
+    return {f"{CROSS_ARCH}.{tower}.{name}": v for tower, r in res.get("towers", {}).items()
+            for name, v in test_metrics(r.get("protocols", {})).items()}
 
 
 def history_metrics(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
@@ -130,6 +142,8 @@ def cost_metrics(distill_volatile: Mapping[str, Any] | None, eval_seconds: float
     d = distill_volatile or {}
     pick = {"cost.distill_seconds": d.get("seconds"), "cost.distill_sec_per_iter": d.get("sec_per_iter_mean"),
             "cost.distill_peak_mem_mb": d.get("peak_mem_mb_max"), "cost.teacher_io_seconds": d.get("teacher_io_s"),
+            "cost.distill_cpu_seconds": d.get("cpu_seconds"), "cost.distill_peak_rss_mb": d.get("peak_rss_mb"),
+            "cost.expert_bytes_read": d.get("expert_bytes_read"),
             "cost.eval_seconds": eval_seconds, "set.pairs": d.get("pairs"), "set.bytes": d.get("bytes")}
     return {k: float(v) for k, v in pick.items() if _is_number(v)}
 
@@ -177,6 +191,29 @@ def view_states() -> dict[str, dict[str, Any]]:
     }
 
 
+def cross_arch_view_state(towers: Iterable[str]) -> dict[str, Any]:
+    """``mmdd-cross-arch``: the methods' rows with the distillation student's strict recall and each tower's beside
+    it (mean over seeds and its 95 % half-width), in chart mode one bar chart per tower."""
+    towers = list(towers)
+    cols = [_col("params", "method"), _col("params", "budget"), _col("metrics", HEADLINE)]
+    for t in towers:
+        cols += [_col("metrics", f"{CROSS_ARCH}.{t}.{HEADLINE}"), _col("metrics", f"{CROSS_ARCH}.{t}.{HEADLINE}.ci95")]
+    bars = [_bar(HEADLINE, "distillation student: strict mean recall")]
+    bars += [_bar(f"{CROSS_ARCH}.{t}.{HEADLINE}", f"{t}: strict mean recall (mean over seeds)") for t in towers]
+    return {"orderByKey": _col("metrics", HEADLINE), "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+            "searchFilter": f"tags.`{LEVEL}` = '{AGGREGATE}'", "selectedColumns": cols,
+            "compareRunSections": [{"uuid": "mmdd", "name": "Cross-architecture mean recall over seeds",
+                                    "display": True, "isReordered": False}],
+            "compareRunCharts": bars}
+
+
+def cross_arch_view_tag(towers: Iterable[str]) -> tuple[str, str]:
+    """The experiment tag of the cross-architecture view over ``towers``."""
+    return VIEW_TAG_PREFIX + CROSS_VIEW_KEY, json.dumps(cross_arch_view_state(towers))
+
+
 def experiment_view_tags() -> dict[str, str]:
     """The experiment tags behind ``mmdd ui``'s landing views: the views and the model-training pages."""
     tags = {VIEW_TAG_PREFIX + key: json.dumps(state) for key, state in view_states().items()}
@@ -186,7 +223,7 @@ def experiment_view_tags() -> dict[str, str]:
 def landing_url(base: str, experiment_id: str, view: str = VIEW_KEY) -> str:
     """The URL of a view of an experiment's runs; the compare view opens in chart mode."""
     url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={view}"
-    return url + ("&compareRunsMode=CHART" if view == COMPARE_VIEW_KEY else "")
+    return url + ("&compareRunsMode=CHART" if view in (COMPARE_VIEW_KEY, CROSS_VIEW_KEY) else "")
 
 
 def eval_settings(cfg) -> dict[str, Any]:

@@ -293,16 +293,45 @@ class Recorder:
         self.client.set_terminated(rid, status="FINISHED", end_time=end_ms)
         return rid
 
+    @_safely("recording a cross-architecture evaluation")
+    def cross_arched(self, cell: Cell, refresh: bool = True) -> str | None:
+        """Record ``cell``'s cross_arch.json in its seed run (``cross_arch.<tower>.test.*``) and refresh the row;
+        the experiment's ``mmdd-cross-arch`` view lists the towers seen. Returns the seed run id."""
+        res = _read_json(self.ctx.cell_dir(cell) / "cross_arch.json")
+        if res is None or not res.get("towers"):
+            return None
+        found = self._seed_runs(cell)
+        rid = found[0].info.run_id if found else self._backfill_distill(cell)
+        if self.client.get_run(rid).data.tags.get("mmdd.cross_arch_key") == res["key"]:
+            return rid
+        self.tracker.log_metrics(rid, [(k, v, 0) for k, v in L.cross_arch_metrics(res).items()])
+        self.client.set_tag(rid, "mmdd.cross_arch_key", res["key"])
+        exp = self.experiment(cell.dataset)
+        tag, value = L.cross_arch_view_tag(res["towers"])
+        if self.client.get_experiment(exp).tags.get(tag) != value:
+            self.client.set_experiment_tag(exp, tag, value)
+        if refresh:
+            self.refresh(cell)
+        return rid
+
     def refresh(self, cell: Cell) -> None:
-        """The row's aggregate over its seeds evaluated so far; the row run is FINISHED when no seed runs."""
+        """The row's aggregate over its seeds evaluated so far (and, apart, over the seeds evaluated across
+        architectures); the row run is FINISHED when no seed runs."""
         exp, key = self.experiment(cell.dataset), self.group(cell)
         parent = self.parent(cell)
         children = [r for r in self.tracker.runs(exp, f"tags.`{L.PARENT_TAG}` = '{parent}'")
                     if r.data.tags.get(L.LEVEL) == L.SEED]
-        per_seed = {int(r.data.tags["mmdd.seed"]): {k: v for k, v in r.data.metrics.items() if k.startswith("test.")}
-                    for r in children if any(k.startswith("test.") for k in r.data.metrics)}
-        agg = L.aggregate_metrics(per_seed)
-        for name in ("cost.distill_seconds", "set.bytes", "set.pairs"):
+
+        def per_seed(prefix: str) -> dict[int, dict[str, float]]:
+            return {int(r.data.tags["mmdd.seed"]): {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)}
+                    for r in children if any(k.startswith(prefix) for k in r.data.metrics)}
+
+        agg = L.aggregate_metrics(per_seed("test."))
+        crossed = per_seed(f"{L.CROSS_ARCH}.")
+        if crossed:
+            agg.update(L.aggregate_metrics(crossed, f"{L.CROSS_ARCH}.", f"{L.CROSS_ARCH}.seeds"))
+        for name in ("cost.distill_seconds", "cost.distill_cpu_seconds", "cost.distill_peak_rss_mb", "set.bytes",
+                     "set.pairs"):
             values = [r.data.metrics[name] for r in children if name in r.data.metrics]
             if values:
                 agg[name] = sum(values) / len(values)
@@ -313,7 +342,7 @@ class Recorder:
             end = max([r.info.end_time or 0 for r in children] + [start]) or None
             self.client.set_terminated(parent, status="FINISHED", end_time=end)
         log.debug("MLflow row %s (%s): %d seed(s) evaluated", L.parent_name(cell.method, cell.budget), key,
-                  len(per_seed))
+                  int(agg["seeds"]))
 
     # references and backfill ------------------------------------------------------------------------------------
     @_safely("recording the reference rows")
@@ -354,10 +383,14 @@ class Recorder:
         """Record every evaluated cell and reference row of the grid that MLflow lacks; returns the cells seen."""
         n, rows = 0, {}
         for cell in self.ctx.cells():
-            if (self.ctx.cell_dir(cell) / "metrics.json").is_file():
+            cell_dir = self.ctx.cell_dir(cell)
+            if (cell_dir / "metrics.json").is_file():
                 self.evaluated(cell, refresh=False)
                 rows.setdefault((cell.dataset, cell.method, cell.budget), cell)
                 n += 1
+            if (cell_dir / "cross_arch.json").is_file():
+                self.cross_arched(cell, refresh=False)
+                rows.setdefault((cell.dataset, cell.method, cell.budget), cell)
         for cell in rows.values():
             self.refresh(cell)
         for ds in self.cfg.datasets:

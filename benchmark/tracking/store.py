@@ -195,15 +195,19 @@ def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, timeout_s: flo
     a process group of its own, which is killed on every exit, so no MLflow worker outlives this call. A busy port
     is a ValueError before anything starts.
     """
-    from benchmark.tracking.layout import COMPARE_VIEW_KEY, SEEDS_VIEW_KEY, landing_url
+    from benchmark.tracking.layout import (COMPARE_VIEW_KEY, CROSS_VIEW_KEY, SEEDS_VIEW_KEY, VIEW_TAG_PREFIX,
+                                           landing_url)
     from benchmark.ui_server import free_port, require_free_port, run_server, server_url
 
     port = free_port(host) if port == 0 else require_free_port(host, port)
     base = server_url(host, port)
-    for name, exp_id in prepare_views(Tracker(uri), experiment_prefix):
+    tracker = Tracker(uri)
+    for name, exp_id in prepare_views(tracker, experiment_prefix):
         log.info("%s: ranking table %s", name, landing_url(base, exp_id))
         log.info("%s: method comparison (charts) %s", name, landing_url(base, exp_id, COMPARE_VIEW_KEY))
         log.info("%s: every seed run, grouped by method %s", name, landing_url(base, exp_id, SEEDS_VIEW_KEY))
+        if VIEW_TAG_PREFIX + CROSS_VIEW_KEY in tracker.client.get_experiment(exp_id).tags:
+            log.info("%s: cross-architecture recall (charts) %s", name, landing_url(base, exp_id, CROSS_VIEW_KEY))
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]  # one local user: one worker starts in a fraction of the time of the default 4
     log.info("starting the MLflow UI on %s:%d (store %s)", host, port, uri)
