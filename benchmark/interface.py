@@ -66,15 +66,30 @@ class JsonlLogger:
 
     Keys in :data:`VOLATILE_KEYS` (timings, memory) go to ``volatile_path`` instead, so the log itself is a pure
     function of the computation. :meth:`truncate` drops records past a resumed checkpoint, so a resumed run's log
-    holds every iteration exactly once."""
+    holds every iteration exactly once.
+
+    A file is never changed in place where it already existed: DVC links cached outputs into the workspace
+    (``cache.type`` hardlink), and cells whose logs have equal bytes share one inode with the cache, so the first
+    append of a logger first moves the file's content to a fresh inode (copy + rename)."""
 
     def __init__(self, path: str | Path | None = None, volatile_path: str | Path | None = None):
         self.path = Path(path) if path else None
         self.volatile_path = Path(volatile_path) if volatile_path else None
         self.records: list[dict[str, float]] = []
+        self._owned: set[Path] = set()
         for p in (self.path, self.volatile_path):
             if p:
                 p.parent.mkdir(parents=True, exist_ok=True)
+
+    def _own(self, path: Path) -> None:
+        """Give ``path`` an inode of its own (same content) before this logger appends to it."""
+        if path in self._owned:
+            return
+        if path.exists():
+            data = path.read_bytes()
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        self._owned.add(path)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         rec = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -83,6 +98,7 @@ class JsonlLogger:
         volatile = {k: v for k, v in rec.items() if k in VOLATILE_KEYS}
         for path, row in ((self.path, stable), (self.volatile_path, volatile)):
             if path and (row is stable or volatile):
+                self._own(path)
                 with path.open("a") as f:
                     f.write(json.dumps({"step": rec["step"], **row} if row is volatile else row, sort_keys=True)
                             + "\n")
@@ -96,6 +112,7 @@ class JsonlLogger:
                         if line.strip() and json.loads(line)["step"] <= last_step]
                 with atomic_path(path) as tmp:
                     tmp.write_text("".join(line + "\n" for line in kept))
+                self._owned.add(path)  # a fresh inode
 
 
 class Checkpointer:
@@ -122,6 +139,11 @@ class Checkpointer:
         write_tensors(self.directory / "checkpoint.safetensors", tensors, metadata={"token": token})
         with atomic_path(self.directory / "checkpoint.json") as tmp:
             tmp.write_text(json.dumps(dict(state, token=token), sort_keys=True))
+
+    def exists(self) -> bool:
+        """Whether a checkpoint was saved (and not cleared): a run would resume rather than start afresh."""
+        return self.directory is not None and all((self.directory / n).exists()
+                                                  for n in ("checkpoint.safetensors", "checkpoint.json"))
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         if self.directory is None:

@@ -90,6 +90,8 @@ def run_method(ctx: StageContext, cell: Cell, work_dir: Path) -> DistilledSet:
     """Run the method in this process and save its raw set to ``work_dir/distilled`` (no validation, no
     evaluation): what a container runner executes inside the container."""
     impl, task = make_task(ctx, cell, work_dir)
+    if not task.checkpoint.exists():  # a fresh start: the log holds this run only (a resumed one keeps its records)
+        task.logger.truncate(0)
     (work_dir / "distill_log.jsonl").touch()  # every cell has a (possibly empty) log: DVC declares it
     torch.manual_seed(cell.seed)
     t0, cpu0, read0 = time.perf_counter(), time.process_time(), bytes_read_total()
