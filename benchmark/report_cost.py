@@ -78,7 +78,7 @@ def _fmt(x: float | None, digits: int = 1, half: float | None = None) -> str:
 def _bytes(x: float | None, half: float | None) -> str:
     if x is None:
         return "-"
-    return fmt_bytes(int(x)) + ("" if half is None else f" ± {fmt_bytes(int(round(half)))}")
+    return fmt_bytes(int(x)) + ("" if not half else f" ± {fmt_bytes(int(round(half)))}")  # 0: the same every seed
 
 
 def cost_table(dataset: str, rows: Sequence[CostRow], machine: str) -> Table:
@@ -91,9 +91,10 @@ def cost_table(dataset: str, rows: Sequence[CostRow], machine: str) -> Table:
             for r in rows]
     shared = next((r.experts_bytes for r in rows if r.experts_bytes is not None), None)
     caption = (f"Distillation cost per cell on {dataset}, measured on {machine}: wall and CPU seconds of the "
-               "method's run, the process's peak resident memory, expert storage read (experts, shortcuts, head "
-               "experts), each the mean over the cells (seeds) ± the 95 % t half-width; the synthetic set's bytes, "
-               "and storage written for its inputs")
+               "method's run, the process's peak resident memory (the high-water mark of the process that ran the "
+               "cell, so under `mmdd bench`'s persistent workers an upper bound that includes earlier tasks), expert "
+               "storage read (experts, shortcuts, head experts), each the mean over the cells (seeds) ± the 95 % t "
+               "half-width; the synthetic set's bytes, and storage written for its inputs")
     notes = [f"Experts (written once per dataset, read by every method marked shared): {fmt_bytes(shared)}."
              if shared is not None else "No method reads the experts.",
              "Machine measurements: not a pure function of the inputs, so outside every DVC-hashed output "
