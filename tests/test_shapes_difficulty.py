@@ -12,7 +12,7 @@ from helpers import stage_args, tiny_context, tiny_params
 OVERRIDES = ["data.shapes.n_train=400", "experts.num_experts=2", "experts.epochs=3", "eval.students=1",
              "eval.epochs=30", "eval.protocols=[strict]", "full_data.epochs=6", "tracking.enabled=false",
              "grid.methods=[random,herding,kcenter,forgetting]", "grid.budgets=[20,50]",
-             "full_data.expert_epochs=[]", "report.study=[]", "methods={}"]
+             "full_data.expert_epochs=[]", "report.study=[]", "methods={}", "cross_arch.methods=[]"]
 
 
 @pytest.mark.slow
