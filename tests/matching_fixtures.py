@@ -89,21 +89,28 @@ def engine_config(budget: int = 10, **params) -> EngineConfig:
     return EngineConfig.from_params(base, budget)
 
 
-def random_setup(cfg: EngineConfig, n: int = 10, seed: int = 0, dropout: float = 0.1, perturb_sim: bool = True):
-    """(matcher, syn, θ0, θ*, plan) with random synthetic data, expert endpoints and a plan whose batches repeat
-    indices across steps (b=4 over n=10: permutation slices plus a fresh permutation)."""
-    flat = tiny_flat(dropout=dropout)
-    matcher = Matcher(flat, cfg, "cpu")
-    g = torch.Generator().manual_seed(seed)
+def random_state(flat, cfg: EngineConfig, n: int, g: torch.Generator, perturb_sim: bool = True):
+    """(syn, θ0, θ*) in float64 drawn from ``g``: random synthetic data and S (moved off its init when
+    ``perturb_sim``, so every factor gets a gradient), θ0 the student's weights and θ* = θ0 + noise."""
     dt = torch.float64
     sim = make_similarity(cfg.similarity, n, g, "cpu", dt)
-    if perturb_sim:  # move S away from its init so every factor gets a gradient
+    if perturb_sim:
         for v in sim.tensors.values():
             v.add_(0.3 * torch.randn(v.shape, generator=g, dtype=dt))
     syn = SynState(torch.randn(n, 3, 8, 8, generator=g, dtype=dt), torch.randn(n, TEXT_DIM, generator=g, dtype=dt),
                    torch.tensor([cfg.lr_init_img, cfg.lr_init_txt], dtype=dt), sim)
     th0 = {m: flat.flat(m).clone() for m in ("img", "txt")}
     th1 = {m: th0[m] + 0.05 * torch.randn(th0[m].shape, generator=g, dtype=dt) for m in th0}
+    return syn, th0, th1
+
+
+def random_setup(cfg: EngineConfig, n: int = 10, seed: int = 0, dropout: float = 0.1, perturb_sim: bool = True):
+    """(matcher, syn, θ0, θ*, plan) with random synthetic data, expert endpoints and a plan whose batches repeat
+    indices across steps (b=4 over n=10: permutation slices plus a fresh permutation)."""
+    flat = tiny_flat(dropout=dropout)
+    matcher = Matcher(flat, cfg, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    syn, th0, th1 = random_state(flat, cfg, n, g, perturb_sim)
     b = cfg.batch_size or n
     perms = [torch.randperm(n, generator=g) for _ in range(cfg.syn_steps)]
     batches = []

@@ -15,7 +15,7 @@ from benchmark.requirements import BuildContext, get_artifact_kind
 from benchmark.models.projection import ProjectionHead
 from benchmark.models.student import FlatStudent
 from benchmark.models.towers import ConvNet
-from matching_fixtures import TEXT_DIM, make_task, write_experts
+from matching_fixtures import TEXT_DIM, make_task, random_state, write_experts
 from matching_fixtures import single_thread  # noqa: F401  (autouse)
 from methods.lors import LoRS
 from methods.matching import ConfigError, EngineConfig, MatchingEngine
@@ -23,7 +23,6 @@ from methods.matching.artifacts import head_experts_requirement
 from methods.matching.blend import Blend, draw_blend
 from methods.matching.engine import Matcher, PlanSampler, StepPlan, SynState
 from methods.matching.heads import HeadExpertCollection, load_flat_into, make_heads
-from methods.matching.similarity import make_similarity
 from methods.repblend import RepBlend
 
 DT = torch.float64
@@ -49,13 +48,7 @@ def setup(cfg: EngineConfig, seed: int = 0, dropout: float = 0.1, blends: str = 
     flat = FlatStudent(make_heads(TEXT_DIM, enc.out_dim, 0.07, dropout, 8, seed=seed + 1).to(DT))
     matcher = Matcher(flat, cfg, "cpu", enc)
     g = torch.Generator().manual_seed(seed)
-    sim = make_similarity(cfg.similarity, N, g, "cpu", DT)
-    for v in sim.tensors.values():
-        v.add_(0.3 * torch.randn(v.shape, generator=g, dtype=DT))
-    syn = SynState(torch.randn(N, 3, 8, 8, generator=g, dtype=DT), torch.randn(N, TEXT_DIM, generator=g, dtype=DT),
-                   torch.tensor([cfg.lr_init_img, cfg.lr_init_txt], dtype=DT), sim)
-    th0 = {m: flat.flat(m).clone() for m in ("img", "txt")}
-    th1 = {m: th0[m] + 0.05 * torch.randn(th0[m].shape, generator=g, dtype=DT) for m in th0}
+    syn, th0, th1 = random_state(flat, cfg, N, g)
     sampler = PlanSampler(g, N, B, 1, (0, 1), cfg.syn_steps, 1.0 if blends == "draw" else 0.0)
     return matcher, syn, th0, th1, sampler.next()
 
