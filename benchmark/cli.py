@@ -196,7 +196,7 @@ def cmd_evaluate(args) -> int:
     ctx = _context(args)
     rec = _recorder(ctx)
     for cell in _cells(ctx, args):
-        res = evaluate(ctx, cell, force=args.force)
+        res = evaluate(ctx, cell, force=args.force, students=args.students)
         for proto, summary in res["protocols"].items():
             log.info("%s %s: r_mean %.2f ± %.2f", cell, proto, summary["r_mean"]["mean"], summary["r_mean"]["std"])
         if rec is not None:
@@ -373,6 +373,9 @@ def _add_stage_commands(sub) -> None:
     p = _add(sub, "evaluate", "evaluate distilled sets with fresh students on the test split")
     _common(p)
     _cell_args(p)
+    p.add_argument("--students", choices=["auto", "batched", "sequential"], default="auto",
+                   help="train a cell's evaluation students one by one or as one vectorised model (equal up to "
+                        "rounding); auto: batched on CUDA, one by one on the CPU, where batching is slower [auto]")
     p.set_defaults(func=cmd_evaluate)
     p = _add(sub, "record", "record every result on disk in MLflow (what is missing there)",
              "Record in MLflow every evaluated cell and reference row of the grid that the store lacks (cells "

@@ -24,6 +24,7 @@ from benchmark.seeding import derive_seed
 from benchmark.stages.cells import Cell, file_digest, hash_json, read_history
 from benchmark.stages.code_deps import code_digest
 from benchmark.stages.context import StageContext
+from benchmark.students_batched import evaluate_set_batched, use_batched
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ def evaluate_key(ctx: StageContext, cell: Cell, cell_dir: Path) -> str:
                       "val": split_id(ctx, ds, "val") if ecfg.select == "val" else None})
 
 
-def evaluate(ctx: StageContext, cell: Cell, force: bool = False) -> dict[str, Any]:
-    """Evaluate one cell's set; returns (and writes) ``metrics.json``."""
+def evaluate(ctx: StageContext, cell: Cell, force: bool = False, students: str = "auto") -> dict[str, Any]:
+    """Evaluate one cell's set; returns (and writes) ``metrics.json``. ``students``: how the students are trained
+    (:func:`benchmark.students_batched.use_batched`; equal up to rounding, so not part of the key, like the device)."""
     cell_dir = ctx.cell_dir(cell)
     key = evaluate_key(ctx, cell, cell_dir)
     out_path = cell_dir / "metrics.json"
@@ -67,14 +69,16 @@ def evaluate(ctx: StageContext, cell: Cell, force: bool = False) -> dict[str, An
                   text_dim=ctx.student.text_dim)
     ecfg = cell_eval_config(ctx, cell)
     val = ctx.eval_split(cell.dataset, "val") if ecfg.select == "val" else None
+    batched = use_batched(students, ctx.device, ecfg.students)
+    run = evaluate_set_batched if batched else evaluate_set
     t0 = time.perf_counter()
-    res = evaluate_set(dset, ctx.student, ecfg, ctx.eval_split(cell.dataset, "test"), val, ctx.device, ctx.progress)
+    res = run(dset, ctx.student, ecfg, ctx.eval_split(cell.dataset, "test"), val, ctx.device, ctx.progress)
     seconds = time.perf_counter() - t0
     res.update({"key": key, "eval_seed": ecfg.seed, "pairs": dset.pairs, "bytes": dset.nbytes, "method": cell.method, "budget": cell.budget,
                 "seed": cell.seed, "dataset": cell.dataset})
     write_json(out_path, res)
     cell_artifacts(ctx, cell, cell_dir, dset)
-    volatile = {"eval_seconds": seconds}
+    volatile = {"eval_seconds": seconds, "eval_students": "batched" if batched else "sequential"}
     distill_volatile = cell_dir / "distill.volatile.json"
     if distill_volatile.exists():
         volatile |= {f"distill_{k}": v for k, v in read_json(distill_volatile).items() if k not in ("pairs", "bytes")}
