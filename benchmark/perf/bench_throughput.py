@@ -21,7 +21,8 @@ What it does, in a temporary directory:
    2 jobs × 1 thread (side by side), each cell its own ``mmdd evaluate`` process.
 3. **Tried, did not pay** (one fresh interpreter, 1 thread unless the row says otherwise): 5 quick students
    (convnet_w32_d3, 32 px, 384-d text, batch 25) as one ``torch.func.vmap(grad(loss))`` over stacked parameters vs
-   5 sequential gradient calls; ``torch.compile`` of the student training step; ``channels_last``; 1 vs 2 intra-op
+   5 sequential gradient calls; the evaluation's batched students (:mod:`benchmark.perf.students`: 3 students,
+   100 pairs, 10 epochs, trained one by one and batched); ``torch.compile`` of the student training step; ``channels_last``; 1 vs 2 intra-op
    threads for the step. Medians over repeated steps after warm-up.
 4. **Yardstick** — the matching engine's TESLA iteration against the reference-style loop of
    :mod:`benchmark.perf.bench_matching` (quick student, P=4, batch 25), interleaved in one process.
@@ -220,6 +221,9 @@ def micro(reps: int, compile_step: bool = True) -> dict[str, float]:
         loss_of(m(xx, t)).backward()
         opt.step()
 
+    from benchmark.perf.students import time_students
+
+    out["students"] = time_students("cpu", students=3, epochs=10)
     out["eager_step_s"] = _median_time(lambda: step(model, x), reps)
     torch.set_num_threads(2)
     out["eager_step_2threads_s"] = _median_time(lambda: step(model, x), reps)
@@ -321,6 +325,13 @@ def render(res: dict[str, Any]) -> str:
         ("vmap(grad) over 5 stacked students vs 5 sequential grads (b=25, 1 thread)",
          f"{m['seq_5_students_s']:.3f}", f"{m['vmap_5_students_s']:.3f}",
          "pays" if m["vmap_5_students_s"] < m["seq_5_students_s"] else "did not pay"),
+        ("evaluation students batched (benchmark/students_batched.py: %d students, %d pairs, %d epochs; "
+         "s per student; max weight diff %.1e in float32)" % (m["students"]["students"], m["students"]["pairs"],
+                                                             m["students"]["epochs"],
+                                                             m["students"]["max_abs_weight_diff"]),
+         f"{m['students']['sequential_s_per_student']:.3f}", f"{m['students']['batched_s_per_student']:.3f}",
+         ("pays" if m["students"]["speedup"] > 1 else "did not pay") + " on this CPU: `--students auto` trains "
+         "them one by one here"),
         *compiled,
         ("channels_last student step vs contiguous", f"{m['eager_step_s']:.4f}", f"{m['channels_last_step_s']:.4f}",
          "pays" if m["channels_last_step_s"] < m["eager_step_s"] else "did not pay"),

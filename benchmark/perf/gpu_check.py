@@ -8,7 +8,10 @@ NFNet-L0 (random init: no download needed) + text head 768→2304 at 224 px, syn
 random data of the right shapes, mini-batches of 20 and 40, one expert with 11 timestamps on local disk. For
 ``tesla`` (LoRS / PTM-ST step) and ``full`` (MTT-VL step, adjoint implementation) it prints seconds/iteration
 (median after one warm-up; CUDA-synchronised) and peak allocated memory per step (``max_memory_allocated`` reset
-before every step, minus the allocation at the start). Sized to finish in a few minutes on one GPU.
+before every step, minus the allocation at the start). Then the evaluation's batched students
+(:mod:`benchmark.perf.students`): 3 and 5 default students (ConvNet w32 at 32 px, 100 pairs, 10 epochs) one by
+one and as one vmapped model, seconds per student and the weights' largest difference. Sized to finish in a few
+minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -56,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| unroll | mini-batch | s/iter | peak memory (MB) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['batch']} | {r['s_per_iter']:.3f} | {r['peak_mem_mb']:.0f} |")
+    from benchmark.perf.students import time_students
+
+    students = [time_students(args.device, students=k, epochs=10) for k in (3, 5)]
+    print("\n| evaluation students (ConvNet w32, 32 px, 100 pairs, 10 epochs) | one by one (s/student) | batched "
+          "(s/student) | speed-up | max weight diff |\n|---|---|---|---|---|")
+    for r in students:
+        print(f"| {r['students']} | {r['sequential_s_per_student']:.3f} | {r['batched_s_per_student']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['max_abs_weight_diff']:.1e} |")
     if args.out:
-        write_json(args.out, {"device": name, "image_size": args.image_size, "rows": rows})
+        write_json(args.out, {"device": name, "image_size": args.image_size, "rows": rows, "students": students})
     return 0
 
 
