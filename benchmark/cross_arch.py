@@ -27,6 +27,7 @@ from benchmark.distilled import DistilledSet
 from benchmark.evaluation import EvalConfig
 from benchmark.models.student import StudentConfig
 from benchmark.models.towers import available_towers, load_tower_config
+from benchmark.training import image_chunks
 
 HEADS = "heads"
 ENCODE_CHUNK = 256  # images per frozen-encoder call (no coupling across samples, so chunking is exact)
@@ -115,11 +116,4 @@ def map_images(dset: DistilledSet, fn) -> DistilledSet:
 def encode_images(encoder: nn.Module, images: Any, device: torch.device | str) -> torch.Tensor:
     """Features of every image (a tensor or an indexable dataset) under a frozen encoder, in chunks, on the CPU."""
     encoder.eval()
-    n, out = len(images), []
-    for s in range(0, n, ENCODE_CHUNK):
-        if isinstance(images, torch.Tensor):
-            xb = images[s:s + ENCODE_CHUNK]
-        else:
-            xb = torch.stack([images[i] for i in range(s, min(n, s + ENCODE_CHUNK))])
-        out.append(encoder(xb.to(device)).float().cpu())
-    return torch.cat(out)
+    return torch.cat([encoder(xb.to(device)).float().cpu() for xb in image_chunks(images, ENCODE_CHUNK)])

@@ -79,7 +79,13 @@ def score(model: DualEncoder, split: SplitData, device: str | torch.device,
           ties: str = "pessimistic") -> dict[str, float]:
     """Retrieval metrics of ``model`` on ``split`` (cosine scores; the logit scale does not change rankings);
     ``ties``: the tie rule of :func:`benchmark.metrics.retrieval_metrics`."""
-    e_img, e_txt = encode(model, split.images, split.texts, device)
+    return split_metrics(encode(model, split.images, split.texts, device), split, ties)
+
+
+def split_metrics(embeddings: tuple[torch.Tensor, torch.Tensor], split: SplitData,
+                  ties: str = "pessimistic") -> dict[str, float]:
+    """Retrieval metrics of (image, caption) embeddings of ``split`` (what :func:`score` computes after encoding)."""
+    e_img, e_txt = embeddings
     return retrieval_metrics(e_img @ e_txt.T, split.txt2img, ties)
 
 
@@ -183,44 +189,65 @@ def train_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, s
     return model
 
 
+class Selection:
+    """One student's evaluations during training and its result per protocol: ``paper`` keeps the best test r_mean
+    over the hooks (the first of equal ones), ``strict`` the final model (``select="final"``) or the val-best weights
+    of the last phase (``select="val"``). Each result carries the (phase, epoch) it came from (epoch -1 = end of
+    training). When the last hook ran after the last epoch, the final model's test embeddings are reused from it."""
+
+    def __init__(self, dset: DistilledSet, cfg: EvalConfig, test: SplitData, val: SplitData | None,
+                 device: str | torch.device):
+        if "strict" in cfg.protocols and cfg.select == "val" and val is None:
+            raise ValueError("eval.select='val' needs the val split's features: run `mmdd embed` for val")
+        self.cfg, self.test, self.val, self.device = cfg, test, val, device
+        self.last = len(dset.phases) - 1
+        self.end = (self.last, schedule(dset, cfg).epochs[self.last] - 1)  # the hook after the last training step
+        self.hooked = "paper" in cfg.protocols or cfg.select == "val"
+        self.best: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {}
+        self._test_embeddings: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _offer(self, name: str, m: dict[str, Any], where: tuple[int, int]) -> None:
+        if name not in self.best or m["r_mean"] > self.best[name][0]["r_mean"]:
+            self.best[name] = (m, where)
+
+    def on_eval(self, model: DualEncoder, phase: int, epoch: int) -> None:
+        """The hook of :func:`train_student` (``phase``, ``epoch``) for ``model``."""
+        if "paper" in self.cfg.protocols:
+            emb = encode(model, self.test.images, self.test.texts, self.device)
+            self._test_embeddings = ((phase, epoch), emb)
+            self._offer("paper", split_metrics(emb, self.test, PAPER_TIES), (phase, epoch))
+        if "strict" in self.cfg.protocols and self.cfg.select == "val" and phase == self.last:
+            self._offer("val", dict(score(model, self.val, self.device), weights=freeze_copy(model)), (phase, epoch))
+
+    def results(self, model: DualEncoder) -> dict[str, dict[str, Any]]:
+        """Per protocol, the metrics of the trained ``model`` (loads the val-best weights for ``select="val"``)."""
+        out: dict[str, dict[str, Any]] = {}
+        if "paper" in self.cfg.protocols:
+            m, (phase, epoch) = self.best["paper"]
+            out["paper"] = dict(m, phase=phase, epoch=epoch)
+        if "strict" in self.cfg.protocols:
+            if self.cfg.select == "val":
+                m, (phase, epoch) = self.best["val"]
+                model.load_state_dict(m.pop("weights"))
+                out["strict"] = dict(score(model, self.test, self.device), val_r_mean=m["r_mean"], phase=phase,
+                                     epoch=epoch)
+            else:
+                kept = self._test_embeddings
+                emb = kept[1] if kept is not None and kept[0] == self.end else encode(
+                    model, self.test.images, self.test.texts, self.device)
+                out["strict"] = dict(split_metrics(emb, self.test), phase=self.last, epoch=-1)
+        return out
+
+
 def evaluate_student(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, seed: int, test: SplitData,
                      val: SplitData | None = None, device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
-    """Train one student once and return its test metrics under every protocol of ``cfg.protocols``.
-
-    ``strict``: the final model (``select="final"``) or the val-best checkpoint of the last phase
-    (``select="val"``), tested once. ``paper``: the best test r_mean over evaluations every ``eval_every`` epochs of
-    every phase, ties ranked in the reference code's order. Each result carries the (phase, epoch) it came from (epoch -1 = end of training).
-    """
-    if "strict" in cfg.protocols and cfg.select == "val" and val is None:
-        raise ValueError("eval.select='val' needs the val split's features: run `mmdd embed` for val")
+    """Train one student once and return its test metrics under every protocol of ``cfg.protocols``
+    (:class:`Selection`; the paper protocol ranks ties in the reference code's order)."""
+    pick = Selection(dset, cfg, test, val, device)
     model = build_student(student, seed=seed, device=device)
-    last = len(dset.phases) - 1
-    best: dict[str, Any] = {}
-
-    def keep(name: str, m: dict[str, Any], where: tuple[int, int]) -> None:
-        if name not in best or m["r_mean"] > best[name][0]["r_mean"]:
-            best[name] = (m, where)
-
-    def on_eval(phase: int, epoch: int) -> None:
-        if "paper" in cfg.protocols:
-            keep("paper", score(model, test, device, PAPER_TIES), (phase, epoch))
-        if "strict" in cfg.protocols and cfg.select == "val" and phase == last:
-            keep("val", dict(score(model, val, device), weights=freeze_copy(model)), (phase, epoch))
-
-    hooked = "paper" in cfg.protocols or cfg.select == "val"
-    train_student(dset, student, cfg, seed, device, on_eval if hooked else None, model=model)
-    out: dict[str, dict[str, Any]] = {}
-    if "paper" in cfg.protocols:
-        m, (phase, epoch) = best["paper"]
-        out["paper"] = dict(m, phase=phase, epoch=epoch)
-    if "strict" in cfg.protocols:
-        if cfg.select == "val":
-            m, (phase, epoch) = best["val"]
-            model.load_state_dict(m.pop("weights"))
-            out["strict"] = dict(score(model, test, device), val_r_mean=m["r_mean"], phase=phase, epoch=epoch)
-        else:
-            out["strict"] = dict(score(model, test, device), phase=last, epoch=-1)
-    return out
+    hook = (lambda phase, epoch: pick.on_eval(model, phase, epoch)) if pick.hooked else None
+    train_student(dset, student, cfg, seed, device, hook, model=model)
+    return pick.results(model)
 
 
 def evaluate_set(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, test: SplitData,
@@ -229,10 +256,19 @@ def evaluate_set(dset: DistilledSet, student: StudentConfig, cfg: EvalConfig, te
     """Evaluate ``cfg.students`` seeded students; per protocol: per-student metrics and mean/std per metric."""
     runs = []
     with Progress(cfg.students, "eval students", "student", enabled=None if progress else False) as bar:
-        for k in range(cfg.students):
-            runs.append(evaluate_student(dset, student, cfg, derive_seed(cfg.seed, "eval-student", k), test, val,
-                                         device))
+        for seed in student_seeds(cfg):
+            runs.append(evaluate_student(dset, student, cfg, seed, test, val, device))
             bar.update()
+    return by_protocol(cfg, runs)
+
+
+def student_seeds(cfg: EvalConfig) -> list[int]:
+    """The seeds of the ``cfg.students`` evaluation students (independent of method and distillation seed)."""
+    return [derive_seed(cfg.seed, "eval-student", k) for k in range(cfg.students)]
+
+
+def by_protocol(cfg: EvalConfig, runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The evaluation output: per protocol, every student's metrics and their mean/std."""
     return {"select": cfg.select, "protocols": {p: {"students": [r[p] for r in runs], **summarize([r[p] for r in runs])}
                                                 for p in cfg.protocols}}
 
@@ -252,8 +288,7 @@ def evaluate_full_data(train: TrainData, student: StudentConfig, cfg: EvalConfig
     """Upper reference: students trained on every training pair (identity targets, CE), tested once at the end.
     ``cfg`` gives the optimiser (momentum, weight decay, lr drop, batch size); ``lr_txt`` defaults to ``lr``."""
     runs = []
-    for k in range(cfg.students):
-        seed = derive_seed(cfg.seed, "eval-student", k)
+    for k, seed in enumerate(student_seeds(cfg)):
         with seeded(seed):
             model = build_student(student, seed=seed, device=device)
             gen = torch.Generator().manual_seed(seed)

@@ -115,6 +115,9 @@ class JsonlLogger:
                 self._owned.add(path)  # a fresh inode
 
 
+CHECKPOINT_DIR = "checkpoint"  # a cell's checkpoint directory inside its work directory
+
+
 class Checkpointer:
     """Atomic checkpoints for resumable methods: tensors in safetensors, the rest (JSON-able) in a sidecar.
 

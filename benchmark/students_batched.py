@@ -31,12 +31,11 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from benchmark.distilled import DistilledSet
-from benchmark.evaluation import PAPER_TIES, EvalConfig, Schedule, SplitData, schedule, score, summarize
+from benchmark.evaluation import EvalConfig, Schedule, Selection, SplitData, by_protocol, schedule, student_seeds
 from benchmark.losses import get_loss
 from benchmark.models.student import DualEncoder, StudentConfig, build_student
 from benchmark.progress import Progress
-from benchmark.seeding import derive_seed
-from benchmark.training import SGDConfig, freeze_copy, index_batches, make_optimizer
+from benchmark.training import SGDConfig, index_batches, make_optimizer
 
 MODES = ("auto", "batched", "sequential")
 
@@ -231,51 +230,15 @@ def evaluate_set_batched(dset: DistilledSet, student: StudentConfig, cfg: EvalCo
                          val: SplitData | None = None, device: str | torch.device = "cpu",
                          progress: bool = True) -> dict[str, Any]:
     """:func:`benchmark.evaluation.evaluate_set` with the ``cfg.students`` students trained batched: the same
-    students (seeds), protocols, selection and output."""
-    if "strict" in cfg.protocols and cfg.select == "val" and val is None:
-        raise ValueError("eval.select='val' needs the val split's features: run `mmdd embed` for val")
-    seeds = [derive_seed(cfg.seed, "eval-student", k) for k in range(cfg.students)]
-    last = len(dset.phases) - 1
-    picks = [_Picks() for _ in seeds]
+    students (seeds), protocols, selection (:class:`benchmark.evaluation.Selection`) and output."""
+    seeds = student_seeds(cfg)
+    picks = [Selection(dset, cfg, test, val, device) for _ in seeds]
 
     def on_eval(phase: int, epoch: int, models: list[DualEncoder]) -> None:
         for pick, model in zip(picks, models):
-            if "paper" in cfg.protocols:
-                pick.offer("paper", score(model, test, device, PAPER_TIES), (phase, epoch))
-            if "strict" in cfg.protocols and cfg.select == "val" and phase == last:
-                pick.offer("val", dict(score(model, val, device), weights=freeze_copy(model)), (phase, epoch))
+            pick.on_eval(model, phase, epoch)
 
-    hooked = "paper" in cfg.protocols or cfg.select == "val"
     with Progress(1, f"{len(seeds)} eval students, batched", "set", enabled=None if progress else False) as bar:
-        models = train_students_batched(dset, student, cfg, seeds, device, on_eval if hooked else None)
+        models = train_students_batched(dset, student, cfg, seeds, device, on_eval if picks[0].hooked else None)
         bar.update()
-    runs = [pick.results(model, cfg, test, last, device) for pick, model in zip(picks, models)]
-    return {"select": cfg.select, "protocols": {p: {"students": [r[p] for r in runs], **summarize([r[p] for r in runs])}
-                                                for p in cfg.protocols}}
-
-
-class _Picks:
-    """One student's best evaluation per protocol so far (the first of equal r_means wins, as in the sequential
-    path), and its final results."""
-
-    def __init__(self) -> None:
-        self.best: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {}
-
-    def offer(self, name: str, metrics: dict[str, Any], where: tuple[int, int]) -> None:
-        if name not in self.best or metrics["r_mean"] > self.best[name][0]["r_mean"]:
-            self.best[name] = (metrics, where)
-
-    def results(self, model: DualEncoder, cfg: EvalConfig, test: SplitData, last: int,
-                device: str | torch.device) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        if "paper" in cfg.protocols:
-            m, (phase, epoch) = self.best["paper"]
-            out["paper"] = dict(m, phase=phase, epoch=epoch)
-        if "strict" in cfg.protocols:
-            if cfg.select == "val":
-                m, (phase, epoch) = self.best["val"]
-                model.load_state_dict(m.pop("weights"))
-                out["strict"] = dict(score(model, test, device), val_r_mean=m["r_mean"], phase=phase, epoch=epoch)
-            else:
-                out["strict"] = dict(score(model, test, device), phase=last, epoch=-1)
-        return out
+    return by_protocol(cfg, [pick.results(model) for pick, model in zip(picks, models)])

@@ -65,19 +65,22 @@ def contrastive_step(model: DualEncoder, optimizer: torch.optim.Optimizer, x: to
     return logits.detach()
 
 
+def image_chunks(images, size: int) -> Iterator[torch.Tensor]:
+    """``images`` (a tensor, or an indexable dataset of image tensors) as consecutive batches of at most ``size``."""
+    n = len(images)
+    for s in range(0, n, size):
+        if isinstance(images, torch.Tensor):
+            yield images[s:s + size]
+        else:
+            yield torch.stack([images[i] for i in range(s, min(n, s + size))])
+
+
 @torch.no_grad()
 def encode(model: DualEncoder, images, texts: torch.Tensor, device: str | torch.device,
            batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised embeddings of all images (a tensor or an indexable dataset) and caption features (eval mode)."""
     model.eval()
-    n = len(images)
-    img = []
-    for s in range(0, n, batch_size):
-        if isinstance(images, torch.Tensor):
-            xb = images[s:s + batch_size]
-        else:
-            xb = torch.stack([images[i] for i in range(s, min(n, s + batch_size))])
-        img.append(model.embed_images(xb.to(device)).float().cpu())
+    img = [model.embed_images(xb.to(device)).float().cpu() for xb in image_chunks(images, batch_size)]
     txt = [model.embed_texts(texts[s:s + batch_size].to(device)).float().cpu() for s in range(0, len(texts), batch_size)]
     return torch.cat(img), torch.cat(txt)
 

@@ -684,3 +684,14 @@ def test_local_runner_takes_a_cell_spec_and_matches_the_in_process_run(tiny_proj
     here = run_method(bench, Cell("shapes", "random", 10, 0), tmp_path / "here")
     assert torch.equal(child.phases[0].images, here.phases[0].images)
     assert (cell / "distill_log.jsonl").exists() and not (cell / ".local").exists()
+
+
+def test_a_rerun_that_resumes_keeps_the_log_a_fresh_one_clears_it(tmp_path):
+    """Before a container run the raw outputs are removed; the log stays when a checkpoint will resume the run (the
+    method truncates it to the checkpoint's iteration itself, so earlier records are not lost)."""
+    from benchmark.interface import Checkpointer
+    from benchmark.runners.docker import RAW_OUTPUTS, outputs_to_clear
+
+    assert outputs_to_clear(tmp_path) == RAW_OUTPUTS
+    Checkpointer(tmp_path / "checkpoint", every=1).save({"x": torch.zeros(1)}, {"iteration": 2, "phase": 0})
+    assert set(outputs_to_clear(tmp_path)) == set(RAW_OUTPUTS) - {"distill_log.jsonl"}

@@ -74,6 +74,22 @@ def test_paper_protocol_is_best_of_test_evaluations_so_never_below_strict():
     assert alone["strict"] == both["strict"]  # the test evaluations do not disturb training
 
 
+def test_strict_final_reuses_the_last_hooks_test_embeddings(monkeypatch):
+    """The paper protocol's evaluation after the last epoch already encoded the final model: strict (final) scores
+    those embeddings instead of encoding the test split again."""
+    import benchmark.evaluation as ev
+
+    calls = []
+    real = ev.encode
+    monkeypatch.setattr(ev, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    evaluate_student(_set(), tiny_student(), EvalConfig(**CFG, protocols=["strict", "paper"]), 7, _split())
+    assert len(calls) == CFG["epochs"]  # one per hook (eval_every = 1), none more for strict
+    calls.clear()
+    evaluate_student(_set(), tiny_student(), EvalConfig(**dict(CFG, eval_every=3), protocols=["strict", "paper"]), 7,
+                     _split())
+    assert len(calls) == 2  # hooks after epochs 3 and 4 (the last); strict reuses the last
+
+
 def test_val_selection_reports_test_at_the_val_best_epoch():
     student, test, val = tiny_student(), _split(), _split(seed=2)
     res = evaluate_student(_set(), student, EvalConfig(**CFG, select="val"), 7, test, val)["strict"]

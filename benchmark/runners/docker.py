@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from benchmark.distilled import DistilledSet
+from benchmark.interface import CHECKPOINT_DIR, Checkpointer
 from benchmark.registry import get_method
 from benchmark.runners.images import (
     DockerError,
@@ -388,7 +389,7 @@ class DockerRunner:
         cls = get_method(spec.method)
         work = Path(spec.work_dir) / WORK_DIR_NAME
         work.mkdir(parents=True, exist_ok=True)
-        _clear(work, RAW_OUTPUTS)  # keep checkpoint/ for resume
+        _clear(work, outputs_to_clear(work))  # keep checkpoint/ for resume
         reap(spec.cell_id)
         with tempfile.TemporaryDirectory(prefix="mmdd-docker-") as tmp:
             config = Path(tmp) / "config.yaml"
@@ -500,6 +501,14 @@ def _remove_container(name: str) -> None:
 def _container_name(method: str, ds: str, budget: int, seed: int) -> str:
     safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in f"{method}-{ds}")
     return f"mmdd-{safe}-b{budget}-s{seed}-{uuid.uuid4().hex[:8]}"
+
+
+def outputs_to_clear(work: Path) -> tuple[str, ...]:
+    """The raw outputs to remove before a run in ``work``: all of them, except the log when a checkpoint will resume
+    the run (the method then truncates its log to the checkpoint's iteration, keeping the records before it)."""
+    if Checkpointer(work / CHECKPOINT_DIR).exists():
+        return tuple(n for n in RAW_OUTPUTS if n != "distill_log.jsonl")
+    return RAW_OUTPUTS
 
 
 def _clear(directory: Path, names: tuple[str, ...]) -> None:

@@ -21,7 +21,7 @@ import torch
 from benchmark.config import BenchConfig, GridConfig, budget_key
 from benchmark.distilled import DistilledSet
 from benchmark.experts.store import bytes_read_total
-from benchmark.interface import Checkpointer, DistillTask, JsonlLogger
+from benchmark.interface import CHECKPOINT_DIR, Checkpointer, DistillTask, JsonlLogger
 from benchmark.io import read_json, write_json
 from benchmark.registry import get_method
 from benchmark.requirements import EXPERTS
@@ -81,7 +81,7 @@ def make_task(ctx: StageContext, cell: Cell, work_dir: Path) -> tuple[Any, Disti
     task = DistillTask(train=train, student=ctx.student, budget=cell.budget, seed=cell.seed, params=params,
                        device=ctx.device, experts=experts, logger=logger,
                        prepared=check_prepared(ctx, cell.dataset, cell.method, reqs),
-                       checkpoint=Checkpointer(work_dir / "checkpoint", int(params.get("checkpoint_every", 0) or 0)),
+                       checkpoint=Checkpointer(work_dir / CHECKPOINT_DIR, int(params.get("checkpoint_every", 0) or 0)),
                        dataset=cell.dataset)
     return cls(), task
 

@@ -78,6 +78,17 @@ def _fail(fld: str, msg: str, fix: str) -> ConfigError:
     return ConfigError(f"matching option {fld!r}: {msg}; {fix}")
 
 
+def _from_mapping(cls, value: Any, fld: str, what: str, example: str):
+    """``cls(**value)`` for a mapping whose keys are all fields of the dataclass ``cls``; else a ConfigError."""
+    if not isinstance(value, dict):
+        raise _fail(fld, f"must be a mapping, got {value!r}", f"pass e.g. {example}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(value) - known)
+    if bad:
+        raise _fail(fld, f"unknown {what}(s) {bad}", f"known {what}s: {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
     """``raw`` expert trajectories, or ``shortcut(start, end)``: the straight-line (convexified) trajectories of
@@ -181,13 +192,7 @@ class BugCompat:
             return cls()
         if isinstance(value, BugCompat):
             return value
-        if not isinstance(value, dict):
-            raise _fail("bug_compat", f"must be a mapping, got {value!r}", "pass e.g. {n_minus_one: true}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(value) - known)
-        if bad:
-            raise _fail("bug_compat", f"unknown flag(s) {bad}", f"known flags: {sorted(known)}")
-        out = cls(**value)
+        out = _from_mapping(cls, value, "bug_compat", "flag", "{n_minus_one: true}")
         if out.inner_temperature is not None and not 0 < float(out.inner_temperature) < 10:
             raise _fail("bug_compat.inner_temperature", f"{out.inner_temperature} is out of range",
                         "use (0, 10) or null")
@@ -248,13 +253,7 @@ class HeadExpertSpec:
     def parse(cls, value: Any) -> "HeadExpertSpec":
         if isinstance(value, HeadExpertSpec):
             return value
-        if not isinstance(value, dict):
-            raise _fail("head_experts", f"must be a mapping, got {value!r}", "pass e.g. {count: 8, epochs: 10}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(value) - known)
-        if bad:
-            raise _fail("head_experts", f"unknown field(s) {bad}", f"fields are {sorted(known)}")
-        out = cls(**value)
+        out = _from_mapping(cls, value, "head_experts", "field", "{count: 8, epochs: 10}")
         for name in ("count", "epochs", "batch_size"):
             v = getattr(out, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

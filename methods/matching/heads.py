@@ -40,7 +40,7 @@ from benchmark.models.student import DualEncoder, FlatStudent, StudentConfig
 from benchmark.models.towers import build_image_tower, load_tower_config
 from benchmark.progress import Progress
 from benchmark.seeding import derive_seed, seeded
-from benchmark.training import SGDConfig, contrastive_step, index_batches, make_optimizer
+from benchmark.training import SGDConfig, contrastive_step, image_chunks, index_batches, make_optimizer
 from methods.matching.config import HeadExpertSpec, RepresentationSpec
 
 log = logging.getLogger(__name__)
@@ -119,15 +119,7 @@ def build_heads_student(task: DistillTask, rep: RepresentationSpec, method: str,
 @torch.no_grad()
 def encode(encoder: nn.Module, images: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Features of every image (a tensor or an indexable dataset), in chunks."""
-    n = len(images)
-    out = []
-    for s in range(0, n, ENCODE_CHUNK):
-        if isinstance(images, torch.Tensor):
-            xb = images[s:s + ENCODE_CHUNK]
-        else:
-            xb = torch.stack([images[i] for i in range(s, min(n, s + ENCODE_CHUNK))])
-        out.append(encoder(xb.to(device, dtype)))
-    return torch.cat(out)
+    return torch.cat([encoder(xb.to(device, dtype)) for xb in image_chunks(images, ENCODE_CHUNK)])
 
 
 # ------------------------------------------------------------------------------------------------ head experts
