@@ -73,7 +73,8 @@ class GridSize:
                f"grid.seeds=[{','.join(map(str, self.seeds))}]", f"experts.num_experts={self.experts}",
                f"eval.epochs={self.eval_epochs}", "eval.eval_every=10", f"data.shapes.n_train={n_train}",
                f"data.shapes.n_val={n_val}", f"data.shapes.n_test={n_test}", "experts.epochs=4", "eval.students=2",
-               "full_data.epochs=5", "full_data.expert_epochs=[]", "threads=2", "methods={}", "report.study=[]"]
+               "full_data.epochs=5", "full_data.expert_epochs=[]", "threads=2", "methods={}", "report.study=[]",
+               "cross_arch.towers=[]", "cross_arch.methods=[]"]  # the grid it measured before cross-architecture existed
         return [a for o in out for a in ("-S", o)]
 
 
