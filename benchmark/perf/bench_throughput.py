@@ -22,8 +22,8 @@ What it does, in a temporary directory:
 3. **Tried, did not pay** (one fresh interpreter, 1 thread unless the row says otherwise): 5 quick students
    (convnet_w32_d3, 32 px, 384-d text, batch 25) as one ``torch.func.vmap(grad(loss))`` over stacked parameters vs
    5 sequential gradient calls; the evaluation's batched students (:mod:`benchmark.perf.students`: 3 students,
-   100 pairs, 10 epochs, trained one by one and batched); ``torch.compile`` of the student training step; ``channels_last``; 1 vs 2 intra-op
-   threads for the step. Medians over repeated steps after warm-up.
+   100 pairs, 10 epochs, trained one by one and batched); ``torch.compile`` of the student training step;
+   ``channels_last``; 1 vs 2 intra-op threads for the step. Medians over repeated steps after warm-up.
 4. **Yardstick** — the matching engine's TESLA iteration against the reference-style loop of
    :mod:`benchmark.perf.bench_matching` (quick student, P=4, batch 25), interleaved in one process.
 """
@@ -74,7 +74,8 @@ class GridSize:
                f"eval.epochs={self.eval_epochs}", "eval.eval_every=10", f"data.shapes.n_train={n_train}",
                f"data.shapes.n_val={n_val}", f"data.shapes.n_test={n_test}", "experts.epochs=4", "eval.students=2",
                "full_data.epochs=5", "full_data.expert_epochs=[]", "threads=2", "methods={}", "report.study=[]",
-               "cross_arch.towers=[]", "cross_arch.methods=[]"]  # the grid it measured before cross-architecture existed
+               # the grid it measured before cross-architecture evaluation existed
+               "cross_arch.towers=[]", "cross_arch.methods=[]"]
         return [a for o in out for a in ("-S", o)]
 
 

@@ -29,8 +29,8 @@ def time_students(device: str = "cpu", students: int = 3, epochs: int = 10, pair
     student = StudentConfig(tower=tower, text_dim=text_dim, pretrained=False, tower_config=tc)
     g = torch.Generator().manual_seed(0)
     size = int(tc["image_size"])
-    dset = DistilledSet([Phase(torch.randn(pairs, 3, size, size, generator=g), torch.randn(pairs, text_dim, generator=g),
-                               0.1, 0.1)], {}, loss="ce")
+    images, texts = torch.randn(pairs, 3, size, size, generator=g), torch.randn(pairs, text_dim, generator=g)
+    dset = DistilledSet([Phase(images, texts, 0.1, 0.1)], {}, loss="ce")
     seeds = list(range(students))
     out: dict[str, Any] = {"device": str(dev), "tower": tower, "students": students, "epochs": epochs, "pairs": pairs}
     for ep, record in ((1, False), (epochs, True)):  # the first round warms up kernels and allocators
