@@ -50,9 +50,12 @@ UI_PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/mmdd ui --port $(UI_PORT)
 
+## Test files run on TEST_WORKERS processes (pytest-xdist, one file per worker at a time; 0: one process). PASSIVE
+## OpenMP waits: a worker's idle torch threads sleep instead of spinning on the core the other worker is using.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
