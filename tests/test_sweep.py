@@ -88,6 +88,27 @@ def test_levels_select_and_expert_tasks(tmp_path):
     assert not tasks_for(pipe["report"], tmp_path, "results/logs")[0].wants_gpu
 
 
+def test_parallel_jobs_get_a_share_of_the_cores_and_passive_openmp_waits(tmp_path, monkeypatch):
+    from benchmark.sweep.executors import LocalExecutor, parallel_env
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert parallel_env(1, {}) == {}
+    assert parallel_env(4, {}) == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert parallel_env(3, {"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_NUM_THREADS": "2"}  # what the user set stays
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    ex = LocalExecutor(str(tmp_path), {"MMDD_X": "1"}, jobs=2, tasks="subprocess")
+    try:
+        assert ex.env == {"MMDD_X": "1", "OMP_NUM_THREADS": "4"}  # the shell's OMP_WAIT_POLICY reaches the tasks
+    finally:
+        ex.close()
+    ex = LocalExecutor(str(tmp_path), {}, jobs=1, tasks="subprocess")
+    try:
+        assert ex.env == {}
+    finally:
+        ex.close()
+
+
 def test_remove_partials_only_touches_this_tasks_temp_files(tmp_path):
     d = tmp_path / "data/experts/ds/tower"
     d.mkdir(parents=True)

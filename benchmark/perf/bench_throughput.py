@@ -8,17 +8,19 @@ Usage::
 
 What it does, in a temporary directory:
 
-1. **Grid** — a copy of the project with the default preset (at the former quick sizes) reduced to ``random`` and ``tesla-vl`` on ``shapes``
-   (default: budgets 50 and 100, seeds 0 and 1, 5 experts; ``--quick``: budget 50, seed 0, 2 experts, 10
-   evaluation epochs). Fetch, embed and experts run once; then two identical copies run every distill and evaluate
-   cell with ``mmdd sweep -j JOBS``, one with ``--tasks subprocess`` and one with ``--tasks worker``. Reported per
+1. **Grid** — a copy of the project with the default preset (at the former quick sizes) reduced to ``random``
+   and ``tesla-vl`` on ``shapes`` (default: budgets 50 and 100, seeds 0 and 1, 5 experts; ``--quick``: budget
+   50, seed 0, 2 experts, 10 evaluation epochs). Fetch, embed and experts run once; then two identical copies run
+   every distill and evaluate cell with ``mmdd sweep -j JOBS``, one with ``--tasks subprocess`` and one with ``--tasks worker``. Reported per
    path: grid wall time, DVC bookkeeping and start-up share (``sweep.json``), seconds per converged matching cell
    (a ``tesla-vl`` distill task at the quick preset's 40 iterations), seconds per evaluation student end to end
    (evaluate task seconds / students, process overhead included), distillation iterations per CPU-second (the
    task's own process CPU time: ``wait4`` for a subprocess, ``process_time`` in a worker), peak RSS per process,
    CPU seconds of the whole sweep (``RUSAGE_CHILDREN``) and whether both copies recorded the same output hashes.
-2. **Jobs × threads** — two evaluate cells (``--force``) as 1 job × 2 torch threads (one after the other) and as
-   2 jobs × 1 thread (side by side), each cell its own ``mmdd evaluate`` process.
+2. **Jobs × threads** — two evaluate cells (``--force``) as 1 job × 2 torch threads (one after the other), as
+   2 jobs × 1 thread and as 2 jobs × 2 threads (side by side), each cell its own ``mmdd evaluate`` process; the
+   last with OpenMP's default waits and with ``OMP_WAIT_POLICY=PASSIVE``, which ``mmdd sweep -j N`` sets for
+   both paths of the grid (so the grid's ratio does not include it).
 3. **Tried, did not pay** (one fresh interpreter, 1 thread unless the row says otherwise): 5 quick students
    (convnet_w32_d3, 32 px, 384-d text, batch 25) as one ``torch.func.vmap(grad(loss))`` over stacked parameters vs
    5 sequential gradient calls; the evaluation's batched students (:mod:`benchmark.perf.students`: 3 students,
@@ -139,7 +141,8 @@ def run_grid(base: Path, tmp: Path, mode: str, jobs: int, students: int) -> dict
     ran = {a["stage"] for a in attempts}
     return {
         "mode": mode, "jobs": jobs, "root": str(root), "wall_s": wall, "sweep_wall_s": timing["wall_s"],
-        "cpu_s": cpu, "stages": len(ran), "task_s": timing["task_s"], "dvc_s": timing["dvc_s"], "tracking_wait_s": timing["tracking_wait_s"],
+        "cpu_s": cpu, "stages": len(ran), "task_s": timing["task_s"], "dvc_s": timing["dvc_s"],
+        "tracking_wait_s": timing["tracking_wait_s"],
         "worker_start_s": timing.get("worker_start_s", 0.0), "overhead_fraction": timing["overhead_fraction"],
         "s_per_matching_cell": statistics.median(a["seconds"] for a in matching),
         "matching_iters_per_cpu_s": statistics.median(MATCHING_ITERATIONS / a["cpu_s"] for a in matching),
@@ -149,16 +152,21 @@ def run_grid(base: Path, tmp: Path, mode: str, jobs: int, students: int) -> dict
 
 def jobs_by_threads(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, float]:
     """Two evaluate cells (``--force``) as 1 job x 2 threads (one after the other), 2 jobs x 1 thread and 2 jobs x 2
-    threads (side by side; the last is ``make bench -j2`` with the quick preset's ``threads: 2``)."""
+    threads (side by side; the last is ``make bench -j2`` with the quick preset's ``threads: 2``), the last with
+    OpenMP's default (spinning) waits and with the passive waits ``mmdd sweep -j N`` now sets
+    (:func:`benchmark.sweep.executors.parallel_env`)."""
     def cmd(cell, threads):
         method, budget, seed = cell
         return [sys.executable, "-m", "benchmark.cli", "evaluate", "--method", method, "--budget", str(budget),
                 "--seed", str(seed), "--force", "--no-progress", "-S", f"threads={threads}", "-S",
                 "tracking.enabled=false"]
 
-    def side_by_side(threads):
+    def side_by_side(threads, **extra):
+        env = _env()
+        env.pop("OMP_WAIT_POLICY", None)  # OpenMP's default unless ``extra`` sets it
+        env.update(extra)
         t0 = time.perf_counter()
-        procs = [subprocess.Popen(cmd(cell, threads), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+        procs = [subprocess.Popen(cmd(cell, threads), cwd=root, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL) for cell in cells]
         if any(p.wait() for p in procs):
             raise RuntimeError("a concurrent evaluate command failed")
@@ -167,7 +175,8 @@ def jobs_by_threads(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, 
     t0 = time.perf_counter()
     for cell in cells:
         _run(cmd(cell, 2), root)
-    return {"1x2_s": time.perf_counter() - t0, "2x1_s": side_by_side(1), "2x2_s": side_by_side(2)}
+    return {"1x2_s": time.perf_counter() - t0, "2x1_s": side_by_side(1), "2x2_s": side_by_side(2),
+            "2x2_passive_s": side_by_side(2, OMP_WAIT_POLICY="PASSIVE")}
 
 
 # ------------------------------------------------------------------------------------------------ student step
@@ -342,7 +351,9 @@ def render(res: dict[str, Any]) -> str:
     ] + ([("2 evaluate cells (s): 1 job x 2 threads vs 2 jobs x 1 thread", f"{jt['1x2_s']:.1f}",
            f"{jt['2x1_s']:.1f}", "2x1 faster" if jt["2x1_s"] < jt["1x2_s"] else "1x2 faster"),
           ("2 evaluate cells (s): 2 jobs x 1 thread vs 2 jobs x 2 threads (oversubscribed)", f"{jt['2x1_s']:.1f}",
-           f"{jt['2x2_s']:.1f}", "2x2 faster" if jt["2x2_s"] < jt["2x1_s"] else "2x2 slower: did not pay")]
+           f"{jt['2x2_s']:.1f}", "2x2 faster" if jt["2x2_s"] < jt["2x1_s"] else "2x2 slower: did not pay"),
+          ("2 jobs x 2 threads (s): spinning vs passive OpenMP waits (what `mmdd sweep -j2` sets)",
+           f"{jt['2x2_s']:.1f}", f"{jt['2x2_passive_s']:.1f}", f"{jt['2x2_s'] / jt['2x2_passive_s']:.2f}x")]
          if jt else []))
     y = res["yardstick"]
     yard = _table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "results/perf/throughput.json"), help="JSON output")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (their paths are printed)")
     ap.add_argument("--no-compile", action="store_true",
-                    help="skip the torch.compile row (its compilation alone takes ~40 s on 2 cores; implied by --quick)")
+                    help="skip the torch.compile row (compiling alone takes ~40 s on 2 cores; implied by --quick)")
     ap.add_argument("--micro", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.micro is not None:
