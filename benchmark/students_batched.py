@@ -23,6 +23,7 @@ so :func:`use_batched` picks it for CUDA only.
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -78,13 +79,13 @@ def _replace_dropout(module: nn.Module) -> list[_ReplayDropout]:
 
 
 class StudentStack:
-    """K students of one architecture as stacked tensors, trained together; ``seeds[k]`` drives student k's
-    dropout masks as :func:`benchmark.seeding.seeded` would."""
+    """K students of one architecture as stacked tensors, trained together; ``seeds[k]`` seeds the generator of
+    student k's dropout masks, as :func:`benchmark.seeding.seeded` seeds the global one in the sequential path."""
 
     def __init__(self, models: list[DualEncoder], seeds: list[int]):
         if len(models) != len(seeds) or not models:
             raise ValueError("StudentStack needs one seed per model and at least one model")
-        self.models, self.seeds = models, list(seeds)
+        self.models = models
         self.device = next(models[0].parameters()).device
         self.dtype = next(models[0].parameters()).dtype
         self.base = copy.deepcopy(models[0]).to("meta")
@@ -93,7 +94,6 @@ class StudentStack:
         self.params, self.buffers = stack_module_state(models)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self._shapes: dict[tuple, list[torch.Size]] = {}
-        self._losses = vmap(self._loss, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
 
     def __len__(self) -> int:
         return len(self.models)
@@ -143,7 +143,7 @@ class StudentStack:
         return [torch.stack([ms[i] for ms in per_student]).to(self.device) for i in range(len(shapes))]
 
     # ------------------------------------------------------------------------------------------------ step
-    def _loss(self, params, buffers, masks, x, t, s):
+    def _loss(self, loss_fn, params, buffers, masks, x, t, s):
         for d, m in zip(self.dropouts, masks):
             d.mask = m
         try:
@@ -151,19 +151,16 @@ class StudentStack:
         finally:
             for d in self.dropouts:
                 d.mask = None
-        return self.loss_fn(logits, s)
+        return loss_fn(logits, s)
 
     def step(self, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None,
              loss: str) -> None:
         """One optimiser step of every student on its own batch (``x``: [K, B, ...], ``t``: [K, B, d], ``s``:
         [K, B, B] or None), as :func:`benchmark.training.contrastive_step` per student."""
-        self.loss_fn = get_loss(loss)
         masks = self._masks(x[0], t[0])
-        if s is None:
-            losses = vmap(self._loss_no_target, in_dims=(0, 0, 0, 0, 0), randomness="error")(
-                self.params, self.buffers, masks, x, t)
-        else:
-            losses = self._losses(self.params, self.buffers, masks, x, t, s)
+        in_dims = (0, 0, 0, 0, 0, None if s is None else 0)  # no target similarities: every student gets None
+        per_student = vmap(functools.partial(self._loss, get_loss(loss)), in_dims=in_dims, randomness="error")
+        losses = per_student(self.params, self.buffers, masks, x, t, s)
         bad = [k for k in range(len(self)) if not torch.isfinite(losses[k])]
         if bad:
             raise FloatingPointError(f"non-finite training loss of student {bad[0]} ({losses[bad[0]].item()}): "
@@ -171,9 +168,6 @@ class StudentStack:
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
-
-    def _loss_no_target(self, params, buffers, masks, x, t):
-        return self._loss(params, buffers, masks, x, t, None)
 
     # ------------------------------------------------------------------------------------------------ unstack
     def materialize(self) -> list[DualEncoder]:
