@@ -9,18 +9,20 @@ Usage::
 What it does, in a temporary directory:
 
 1. **Grid** — a copy of the project with the default preset (at the former quick sizes) reduced to ``random``
-   and ``tesla-vl`` on ``shapes`` (default: budgets 50 and 100, seeds 0 and 1, 5 experts; ``--quick``: budget
-   50, seed 0, 2 experts, 10 evaluation epochs). Fetch, embed and experts run once; then two identical copies run
-   every distill and evaluate cell with ``mmdd sweep -j JOBS``, one with ``--tasks subprocess`` and one with ``--tasks worker``. Reported per
-   path: grid wall time, DVC bookkeeping and start-up share (``sweep.json``), seconds per converged matching cell
-   (a ``tesla-vl`` distill task at the quick preset's 40 iterations), seconds per evaluation student end to end
-   (evaluate task seconds / students, process overhead included), distillation iterations per CPU-second (the
-   task's own process CPU time: ``wait4`` for a subprocess, ``process_time`` in a worker), peak RSS per process,
-   CPU seconds of the whole sweep (``RUSAGE_CHILDREN``) and whether both copies recorded the same output hashes.
+   and ``tesla-vl`` on ``shapes`` (default: budgets 50 and 100, seed 0, 3 experts; ``--quick``: budget 50, 2
+   experts, 10 evaluation epochs and fewer images). Fetch, embed and experts run once; then two identical copies
+   run every distill and evaluate cell with ``mmdd sweep -j JOBS``, one with ``--tasks subprocess`` and one with
+   ``--tasks worker``. Reported per path: grid wall time, DVC bookkeeping and start-up share (``sweep.json``),
+   seconds per converged matching cell (a ``tesla-vl`` distill task at the quick preset's 40 iterations), seconds
+   per evaluation student end to end (evaluate task seconds / students, process overhead included), distillation
+   iterations per CPU-second (the task's own process CPU time: ``wait4`` for a subprocess, ``process_time`` in a
+   worker), peak RSS per process, CPU seconds of the whole sweep (``RUSAGE_CHILDREN``) and whether both copies
+   recorded the same output hashes.
 2. **Jobs × threads** — two evaluate cells (``--force``) as 1 job × 2 torch threads (one after the other), as
    2 jobs × 1 thread and as 2 jobs × 2 threads (side by side), each cell its own ``mmdd evaluate`` process; the
    last with OpenMP's default waits and with ``OMP_WAIT_POLICY=PASSIVE``, which ``mmdd sweep -j N`` sets for
-   both paths of the grid (so the grid's ratio does not include it).
+   both paths of the grid (so the grid's ratio does not include it); then two matching cells (``distill
+   --force``) side by side with 2 threads each, both ways, with their iterations per CPU-second.
 3. **Tried, did not pay** (one fresh interpreter, 1 thread unless the row says otherwise): 5 quick students
    (convnet_w32_d3, 32 px, 384-d text, batch 25) as one ``torch.func.vmap(grad(loss))`` over stacked parameters vs
    5 sequential gradient calls; the evaluation's batched students (:mod:`benchmark.perf.students`: 3 students,
@@ -150,31 +152,46 @@ def run_grid(base: Path, tmp: Path, mode: str, jobs: int, students: int) -> dict
         "peak_rss_mb": max(a["max_rss_mb"] for a in attempts), "outs": _lock_outs(root, ran)}
 
 
+def _side_by_side(root: Path, cmds: list[list[str]], **extra: str) -> tuple[float, float]:
+    """The commands at once, with OpenMP's default waits unless ``extra`` sets them; (wall s, CPU s of all)."""
+    env = _env()
+    env.pop("OMP_WAIT_POLICY", None)
+    env.update(extra)
+    t0, c0 = time.perf_counter(), _children_cpu()
+    procs = [subprocess.Popen(c, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for c in cmds]
+    if any(p.wait() for p in procs):
+        raise RuntimeError(f"a concurrent command failed: {cmds}")
+    return time.perf_counter() - t0, _children_cpu() - c0
+
+
+def _cell_cmd(stage: str, cell: tuple[str, int, int], threads: int) -> list[str]:
+    method, budget, seed = cell
+    return [sys.executable, "-m", "benchmark.cli", stage, "--method", method, "--budget", str(budget), "--seed",
+            str(seed), "--force", "--no-progress", "-S", f"threads={threads}", "-S", "tracking.enabled=false"]
+
+
+def matching_waits(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Two matching cells (``distill --force``) side by side with 2 threads each, as the grid runs them, under
+    OpenMP's default (spinning) and passive waits: wall seconds and distillation iterations per CPU-second."""
+    out: dict[str, float] = {}
+    for name, extra in (("spinning", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"})):
+        wall, cpu = _side_by_side(root, [_cell_cmd("distill", c, 2) for c in cells], **extra)
+        out[f"{name}_wall_s"], out[f"{name}_iters_per_cpu_s"] = wall, len(cells) * MATCHING_ITERATIONS / cpu
+    return out
+
+
 def jobs_by_threads(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, float]:
     """Two evaluate cells (``--force``) as 1 job x 2 threads (one after the other), 2 jobs x 1 thread and 2 jobs x 2
     threads (side by side; the last is ``make bench -j2`` with the quick preset's ``threads: 2``), the last with
     OpenMP's default (spinning) waits and with the passive waits ``mmdd sweep -j N`` now sets
     (:func:`benchmark.sweep.executors.parallel_env`)."""
-    def cmd(cell, threads):
-        method, budget, seed = cell
-        return [sys.executable, "-m", "benchmark.cli", "evaluate", "--method", method, "--budget", str(budget),
-                "--seed", str(seed), "--force", "--no-progress", "-S", f"threads={threads}", "-S",
-                "tracking.enabled=false"]
-
     def side_by_side(threads, **extra):
-        env = _env()
-        env.pop("OMP_WAIT_POLICY", None)  # OpenMP's default unless ``extra`` sets it
-        env.update(extra)
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen(cmd(cell, threads), cwd=root, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for cell in cells]
-        if any(p.wait() for p in procs):
-            raise RuntimeError("a concurrent evaluate command failed")
-        return time.perf_counter() - t0
+        return _side_by_side(root, [_cell_cmd("evaluate", c, threads) for c in cells], **extra)[0]
 
     t0 = time.perf_counter()
     for cell in cells:
-        _run(cmd(cell, 2), root)
+        _run(_cell_cmd("evaluate", cell, 2), root)
     return {"1x2_s": time.perf_counter() - t0, "2x1_s": side_by_side(1), "2x2_s": side_by_side(2),
             "2x2_passive_s": side_by_side(2, OMP_WAIT_POLICY="PASSIVE")}
 
@@ -351,16 +368,27 @@ def render(res: dict[str, Any]) -> str:
     ] + ([("2 evaluate cells (s): 1 job x 2 threads vs 2 jobs x 1 thread", f"{jt['1x2_s']:.1f}",
            f"{jt['2x1_s']:.1f}", "2x1 faster" if jt["2x1_s"] < jt["1x2_s"] else "1x2 faster"),
           ("2 evaluate cells (s): 2 jobs x 1 thread vs 2 jobs x 2 threads (oversubscribed)", f"{jt['2x1_s']:.1f}",
-           f"{jt['2x2_s']:.1f}", "2x2 faster" if jt["2x2_s"] < jt["2x1_s"] else "2x2 slower: did not pay"),
-          ("2 jobs x 2 threads (s): spinning vs passive OpenMP waits (what `mmdd sweep -j2` sets)",
-           f"{jt['2x2_s']:.1f}", f"{jt['2x2_passive_s']:.1f}", f"{jt['2x2_s'] / jt['2x2_passive_s']:.2f}x")]
+           f"{jt['2x2_s']:.1f}", "2x2 faster" if jt["2x2_s"] < jt["2x1_s"] else "2x2 slower: did not pay")]
          if jt else []))
+    parts = [grid, tried]
+    mw = res.get("matching_waits")
+    if jt and mw:
+        parts.append(_table([
+            ("2 jobs x 2 threads on this machine (kept: `mmdd sweep -j N` sets passive waits)", "OpenMP default",
+             "passive", "ratio"),
+            ("2 evaluate cells, wall (s)", f"{jt['2x2_s']:.1f}", f"{jt['2x2_passive_s']:.1f}",
+             f"{jt['2x2_s'] / jt['2x2_passive_s']:.2f}x"),
+            ("2 matching cells (tesla-vl, %d it), wall (s)" % MATCHING_ITERATIONS, f"{mw['spinning_wall_s']:.1f}",
+             f"{mw['passive_wall_s']:.1f}", f"{mw['spinning_wall_s'] / mw['passive_wall_s']:.2f}x"),
+            ("distillation iterations per CPU-second", f"{mw['spinning_iters_per_cpu_s']:.2f}",
+             f"{mw['passive_iters_per_cpu_s']:.2f}",
+             f"{mw['passive_iters_per_cpu_s'] / mw['spinning_iters_per_cpu_s']:.2f}x (higher is better)")]))
     y = res["yardstick"]
     yard = _table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
                    ("engine", f"{y['engine_s_per_iter']:.3f}"),
                    ("reference-style loop (bench_matching yardstick)", f"{y['yardstick_s_per_iter']:.3f}"),
                    ("engine speed-up", f"{y['speedup']:.2f}x")])
-    return "\n\n".join([grid, tried, yard])
+    return "\n\n".join([*parts, yard])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = [("tesla-vl", b, size.seeds[0]) for b in size.budgets[:2]]
             res["jobs_threads"] = jobs_by_threads(tmp / "worker", cells)
             log.info("jobs x threads: %s", res["jobs_threads"])
+            res["matching_waits"] = matching_waits(tmp / "worker", cells)
+            log.info("matching, 2 x 2 threads: %s", res["matching_waits"])
         res["micro"] = run_micro(5 if args.quick else 20, not (args.quick or args.no_compile))
         log.info("student-step variants: %s", res["micro"])
         res["yardstick"] = yardstick(2 if args.quick else 4)
