@@ -183,8 +183,8 @@ def matching_waits(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, f
 
 def jobs_by_threads(root: Path, cells: list[tuple[str, int, int]]) -> dict[str, float]:
     """Two evaluate cells (``--force``) as 1 job x 2 threads (one after the other), 2 jobs x 1 thread and 2 jobs x 2
-    threads (side by side; the last is ``make bench -j2`` with the quick preset's ``threads: 2``), the last with
-    OpenMP's default (spinning) waits and with the passive waits ``mmdd sweep -j N`` now sets
+    threads (side by side, as the grid's ``-j2`` with its ``threads: 2``); 2 x 2 both with OpenMP's default
+    (spinning) waits and with the passive waits ``mmdd sweep -j N`` sets
     (:func:`benchmark.sweep.executors.parallel_env`)."""
     def side_by_side(threads, **extra):
         return _side_by_side(root, [_cell_cmd("evaluate", c, threads) for c in cells], **extra)[0]
