@@ -28,7 +28,10 @@ What it does, in a temporary directory:
    5 sequential gradient calls; the evaluation's batched students (:mod:`benchmark.perf.students`: 3 students,
    100 pairs, 10 epochs, trained one by one and batched); ``torch.compile`` of the student training step;
    ``channels_last``; 1 vs 2 intra-op threads for the step. Medians over repeated steps after warm-up.
-4. **Yardstick** — the matching engine's TESLA iteration against the reference-style loop of
+4. **Vectorisation ceiling** (:mod:`benchmark.perf.vector_ceiling`, a fresh interpreter, 1 thread as the default
+   preset runs): the share of a default-preset matching iteration and student step that is fixed per-operator cost,
+   hence the most that batching 3 or 5 seeds or students into one vectorised computation could save here.
+5. **Yardstick** — the matching engine's TESLA iteration against the reference-style loop of
    :mod:`benchmark.perf.bench_matching` (quick student, P=4, batch 25), interleaved in one process.
 """
 
@@ -299,6 +302,15 @@ def run_micro(reps: int, compile_step: bool) -> dict[str, float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def run_ceiling(reps: int) -> dict[str, Any]:
+    """:func:`benchmark.perf.vector_ceiling.measure` in a fresh interpreter (1 thread)."""
+    res = subprocess.run([sys.executable, "-m", "benchmark.perf.vector_ceiling", "--json", "--reps", str(reps)],
+                         cwd=REPO, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"vectorisation ceiling failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def yardstick(iters: int) -> dict[str, float]:
     """The engine's TESLA iteration vs the reference-style loop (bench_matching's interleaved 'ab' job)."""
     from benchmark.perf import bench_matching as bm
@@ -383,6 +395,10 @@ def render(res: dict[str, Any]) -> str:
             ("distillation iterations per CPU-second", f"{mw['spinning_iters_per_cpu_s']:.2f}",
              f"{mw['passive_iters_per_cpu_s']:.2f}",
              f"{mw['passive_iters_per_cpu_s'] / mw['spinning_iters_per_cpu_s']:.2f}x (higher is better)")]))
+    if "ceiling" in res:
+        from benchmark.perf.vector_ceiling import render as render_ceiling
+
+        parts.append(render_ceiling(res["ceiling"]))
     y = res["yardstick"]
     yard = _table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
                    ("engine", f"{y['engine_s_per_iter']:.3f}"),
@@ -429,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("matching, 2 x 2 threads: %s", res["matching_waits"])
         res["micro"] = run_micro(5 if args.quick else 20, not (args.quick or args.no_compile))
         log.info("student-step variants: %s", res["micro"])
+        res["ceiling"] = run_ceiling(5 if args.quick else 15)
         res["yardstick"] = yardstick(2 if args.quick else 4)
     finally:
         if args.keep:

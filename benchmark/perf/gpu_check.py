@@ -10,8 +10,10 @@ random data of the right shapes, mini-batches of 20 and 40, one expert with 11 t
 (median after one warm-up; CUDA-synchronised) and peak allocated memory per step (``max_memory_allocated`` reset
 before every step, minus the allocation at the start). Then the evaluation's batched students
 (:mod:`benchmark.perf.students`): 3 and 5 default students (ConvNet w32 at 32 px, 100 pairs, 10 epochs) one by
-one and as one vmapped model, seconds per student and the weights' largest difference. Sized to finish in a few
-minutes on one GPU.
+one and as one vmapped model, seconds per student and the weights' largest difference. Last, the vectorisation
+ceiling (:mod:`benchmark.perf.vector_ceiling`) of the default preset's matching iteration and student step on the
+GPU: how much of a call is fixed per-operator cost (launches), so how much batching seeds or students could save
+there at most. Sized to finish in a few minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -67,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in students:
         print(f"| {r['students']} | {r['sequential_s_per_student']:.3f} | {r['batched_s_per_student']:.3f} | "
               f"{r['speedup']:.2f}x | {r['max_abs_weight_diff']:.1e} |")
+    from benchmark.perf import vector_ceiling
+
+    ceiling = vector_ceiling.measure(reps=10, device=args.device)
+    print("\nvectorisation ceiling (default preset sizes; benchmark/perf/vector_ceiling.py)\n")
+    print(vector_ceiling.render(ceiling))
     if args.out:
-        write_json(args.out, {"device": name, "image_size": args.image_size, "rows": rows, "students": students})
+        write_json(args.out, {"device": name, "image_size": args.image_size, "rows": rows, "students": students,
+                              "vector_ceiling": ceiling})
     return 0
 
 
