@@ -15,10 +15,11 @@ efficient as the single ones (on this CPU a vmapped convolution is slower: ``ben
 
 Measured: one matching iteration of the default preset's ``tesla-vl`` and ``mtt-vl`` cells (convnet_w32_d3,
 384-d text, P = 4, batch 25; :class:`methods.matching.engine.Matcher`) and one evaluation-student step
-(:func:`benchmark.training.contrastive_step`, batch 100 — a whole 100-pair set); on CPU with 1 thread (as the
-default preset runs), medians after warm-up, CUDA-synchronised on a GPU (``gpu_check`` runs it there, where launch
-latency makes the fixed cost large). The premise — same operators at both sizes — is checked by recording the ATen
-operators each call dispatches.
+(:func:`benchmark.training.contrastive_step`, batch 100 — a whole 100-pair set). On CPU with 1 thread (as the
+default preset runs); CUDA-synchronised on a GPU (``gpu_check`` runs it there, where launch latency makes the fixed
+cost large). Medians after warm-up, real-size and tiny calls alternating so that a change of the machine's speed
+hits both. The premise — same operators at both sizes — is checked by recording the ATen operators each call
+dispatches.
 
 Usage::
 
@@ -88,17 +89,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_s(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: list[Callable[[], Any]], reps: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each function, the calls alternating (f0, f1, f0, f1, ...) after two warm-up
+    rounds, so a change of the machine's speed during the measurement hits every function alike."""
     for _ in range(2):  # warm-up: allocator, kernels, teacher cache
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            out.append(_timed(fn, device))
+    return [statistics.median(t) for t in times]
 
 
 def matching_iteration(cell: str, size: dict[str, int], experts_dir: Path,
@@ -149,7 +158,7 @@ def measure(reps: int = 15, threads: int = 1, device: str | torch.device = "cpu"
         for name, build in builders.items():
             full_fn, tiny_fn = build(FULL), build(TINY)
             ops_full, ops_tiny = op_trace(full_fn), op_trace(tiny_fn)
-            full_s, tiny_s = _median_s(full_fn, reps, dev), _median_s(tiny_fn, reps, dev)
+            full_s, tiny_s = interleaved_medians([full_fn, tiny_fn], reps, dev)
             fixed = min(tiny_s, full_s)
             out["rows"][name] = {
                 "full_s": full_s, "fixed_s": tiny_s, "ops": len(ops_full), "same_ops": ops_full == ops_tiny,
