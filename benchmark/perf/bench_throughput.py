@@ -55,6 +55,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.perf.common import md_table
 from benchmark.perf.repo import copy_repo
 
 log = logging.getLogger(__name__)
@@ -324,19 +325,13 @@ def yardstick(iters: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _table(rows: list[tuple[str, ...]]) -> str:
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-
-
 def render(res: dict[str, Any]) -> str:
     sub, work = res["grid"]["subprocess"], res["grid"]["worker"]
 
     def row(label, key, fmt="{:.2f}"):
         return (label, fmt.format(sub[key]), fmt.format(work[key]), f"{sub[key] / work[key]:.2f}x")
 
-    grid = _table([
+    grid = md_table([
         ("per path (same grid, -j%d)" % sub["jobs"], "subprocess per stage", "persistent workers", "ratio"),
         row("grid wall (s)", "wall_s", "{:.1f}"),
         row("CPU of the sweep, all processes (s)", "cpu_s", "{:.1f}"),
@@ -360,7 +355,7 @@ def render(res: dict[str, Any]) -> str:
                  + ("same numbers" if m["compiled_bitwise"] else
                     f"different numbers (max abs param diff {m['compiled_max_diff']:.1e} after one step)"))] \
         if "compiled_step_s" in m else [("torch.compile student step", "-", "-", "skipped (--quick / --no-compile)")]
-    tried = _table([
+    tried = md_table([
         ("tried", "baseline (s)", "variant (s)", "verdict"),
         ("vmap(grad) over 5 stacked students vs 5 sequential grads (b=25, 1 thread)",
          f"{m['seq_5_students_s']:.3f}", f"{m['vmap_5_students_s']:.3f}",
@@ -385,7 +380,7 @@ def render(res: dict[str, Any]) -> str:
     parts = [grid, tried]
     mw = res.get("matching_waits")
     if jt and mw:
-        parts.append(_table([
+        parts.append(md_table([
             ("2 jobs x 2 threads on this machine (kept: `mmdd sweep -j N` sets passive waits)", "OpenMP default",
              "passive", "ratio"),
             ("2 evaluate cells, wall (s)", f"{jt['2x2_s']:.1f}", f"{jt['2x2_passive_s']:.1f}",
@@ -400,7 +395,7 @@ def render(res: dict[str, Any]) -> str:
 
         parts.append(render_ceiling(res["ceiling"]))
     y = res["yardstick"]
-    yard = _table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
+    yard = md_table([("matching iteration (quick student, TESLA P=4, b=25)", "s/iter"),
                    ("engine", f"{y['engine_s_per_iter']:.3f}"),
                    ("reference-style loop (bench_matching yardstick)", f"{y['yardstick_s_per_iter']:.3f}"),
                    ("engine speed-up", f"{y['speedup']:.2f}x")])

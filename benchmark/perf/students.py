@@ -12,12 +12,8 @@ from benchmark.distilled import DistilledSet, Phase
 from benchmark.evaluation import EvalConfig, train_student
 from benchmark.models.student import StudentConfig
 from benchmark.models.towers import load_tower_config
+from benchmark.perf.common import sync
 from benchmark.students_batched import train_students_batched
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_students(device: str = "cpu", students: int = 3, epochs: int = 10, pairs: int = 100,
@@ -35,13 +31,13 @@ def time_students(device: str = "cpu", students: int = 3, epochs: int = 10, pair
     out: dict[str, Any] = {"device": str(dev), "tower": tower, "students": students, "epochs": epochs, "pairs": pairs}
     for ep, record in ((1, False), (epochs, True)):  # the first round warms up kernels and allocators
         cfg = EvalConfig(students=students, epochs=ep, batch_size=128)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         seq = [train_student(dset, student, cfg, s, dev) for s in seeds]
-        _sync(dev)
+        sync(dev)
         t1 = time.perf_counter()
         bat = train_students_batched(dset, student, cfg, seeds, dev)
-        _sync(dev)
+        sync(dev)
         t2 = time.perf_counter()
         if record:
             diff = max(float((a - b).abs().max()) for m, n in zip(seq, bat)

@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmark.experts.store import ExpertCollection
 from benchmark.models.student import FlatStudent, build_student
 from benchmark.perf import bench_matching as bm
+from benchmark.perf.common import md_table, sync
 from benchmark.training import SGDConfig, contrastive_step, make_optimizer
 from methods.matching.config import EngineConfig
 from methods.matching.engine import Matcher, PlanSampler
@@ -84,16 +85,11 @@ def op_trace(fn: Callable[[], Any]) -> list[str]:
     return trace.ops
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -172,14 +168,13 @@ def measure(reps: int = 15, threads: int = 1, device: str | torch.device = "cpu"
 def render(res: dict[str, Any]) -> str:
     """Markdown table of :func:`measure`'s rows."""
     where = f"{res['threads']} thread(s)" if res["device"] == "cpu" else res["device"]
-    lines = [f"| {where} | s per call | fixed cost per call (s) | ATen ops (same at both "
-             "sizes) | fixed share | ceiling, 3 copies | ceiling, 5 copies | ceiling, any K |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = [(where, "s per call", "fixed cost per call (s)", "ATen ops (same at both sizes)", "fixed share",
+             "ceiling, 3 copies", "ceiling, 5 copies", "ceiling, any K")]
     for name, r in res["rows"].items():
-        lines.append(f"| {name} | {r['full_s']:.4f} | {r['fixed_s']:.4f} ({r['fixed_us_per_op']:.1f} µs/op) | "
-                     f"{r['ops']} ({'yes' if r['same_ops'] else 'NO'}) | {100 * r['fixed_fraction']:.1f}% | "
-                     f"{r['ceiling_k3']:.2f}x | {r['ceiling_k5']:.2f}x | {r['ceiling_inf']:.2f}x |")
-    return "\n".join(lines)
+        rows.append((name, f"{r['full_s']:.4f}", f"{r['fixed_s']:.4f} ({r['fixed_us_per_op']:.1f} µs/op)",
+                     f"{r['ops']} ({'yes' if r['same_ops'] else 'NO'})", f"{100 * r['fixed_fraction']:.1f}%",
+                     f"{r['ceiling_k3']:.2f}x", f"{r['ceiling_k5']:.2f}x", f"{r['ceiling_inf']:.2f}x"))
+    return md_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
